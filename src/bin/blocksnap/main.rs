@@ -1,0 +1,80 @@
+//! `blocksnap`: the command-line tool. `blocksnap chain ...` works on chain
+//! files directly (no daemon needed: restores on any host); the other
+//! commands talk to a running `blocksnapd`.
+
+mod chain_cmd;
+mod thaw_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit codes: 0 ok, 1 failed, 2 usage, 3 damage found, 4 a volume was left
+/// unmounted or frozen (act now).
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_DAMAGED: u8 = 3;
+pub const EXIT_VOLUME_LEFT: u8 = 4;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "blocksnap",
+    version,
+    about = "Incremental point-in-time snapshots of block devices",
+    long_about = "Incremental point-in-time snapshots of block devices.\n\n`blocksnap chain ...` works directly on chain files and needs no daemon (use it to restore on any host). The other commands talk to blocksnapd over its Unix socket."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Work directly on chain files (take, list, restore, verify, delete)
+    #[command(subcommand)]
+    Chain(chain_cmd::ChainCommand),
+    /// Thaw filesystems left frozen by a blocksnap process that died
+    Thaw(thaw_cmd::ThawArgs),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLOCKSNAP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+/// A failure, with the exit code it should produce.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl<E: std::error::Error> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: EXIT_FAILED,
+            message: blocksnap::util::error_chain(&e),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Chain(c) => chain_cmd::run(c),
+        Command::Thaw(a) => thaw_cmd::run(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("blocksnap: error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}

@@ -1,0 +1,828 @@
+//! The on-disk encoding of a chain file. docs/FORMAT.md describes the same
+//! thing in prose; keep them in step.
+//!
+//! Every decoder here takes untrusted bytes and returns `None` (or a
+//! `FormatError`) on anything malformed; none of them panics or allocates
+//! more than the input justifies.
+
+use std::collections::BTreeMap;
+
+use uuid::Uuid;
+
+pub const FILE_MAGIC: [u8; 16] = *b"BLOCKSNAP-CHAIN\0";
+pub const SEG_MAGIC: [u8; 8] = *b"BSNPSEG\0";
+pub const FOOTER_MAGIC: [u8; 8] = *b"BSNPEND\0";
+/// The format version this build writes and the newest it reads.
+pub const VERSION: u32 = 1;
+/// Bytes reserved for the file header at the start of the file.
+pub const FILE_HEADER_LEN: u64 = 4096;
+/// Bytes of the file header before its crc32.
+const FILE_HEADER_BODY: usize = 72;
+/// Segments start, and their data areas start, at multiples of this.
+pub const ALIGN: u64 = 4096;
+pub const FOOTER_LEN: u64 = 128;
+const SEG_INFO_LEN: usize = 104;
+/// Upper bound for a segment header area (names, descriptions and metadata).
+pub const MAX_HEADER_LEN: u64 = 1 << 20;
+/// Bytes per index extent record, without its per-block part.
+pub const EXTENT_RECORD_LEN: u64 = 24;
+/// Bytes per block of a data extent in the index (fingerprint and crc32).
+pub const BLOCK_RECORD_LEN: u64 = 12;
+
+pub const MIN_BLOCK_SIZE: u32 = 4096;
+pub const MAX_BLOCK_SIZE: u32 = 4 << 20;
+pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
+
+/// Flag: the segment defines every block of its snapshot (needs no parent).
+pub const FLAG_FULL: u32 = 1;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("not a blocksnap chain file (wrong magic)")]
+    WrongMagic,
+    #[error("chain format version {found} is newer than this blocksnap understands (up to {VERSION}); upgrade blocksnap")]
+    NewerVersion { found: u32 },
+    #[error("file header checksum mismatch")]
+    HeaderChecksum,
+    #[error("invalid block size {0}: it must be a power of two from 4096 to 4194304")]
+    BlockSize(u32),
+}
+
+/// Check a chain block size.
+pub fn check_block_size(bs: u32) -> Result<(), FormatError> {
+    if bs.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+        Ok(())
+    } else {
+        Err(FormatError::BlockSize(bs))
+    }
+}
+
+// ---------------------------------------------------------------- encoding
+
+#[derive(Default)]
+struct Enc(Vec<u8>);
+
+impl Enc {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i64(&mut self, v: i64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn uuid(&mut self, v: &Uuid) {
+        self.0.extend_from_slice(v.as_bytes());
+    }
+    fn bytes(&mut self, v: &[u8]) {
+        self.0.extend_from_slice(v);
+    }
+    fn str(&mut self, v: &str) {
+        self.u32(v.len() as u32);
+        self.0.extend_from_slice(v.as_bytes());
+    }
+    fn crc(&mut self) {
+        let c = crc32fast::hash(&self.0);
+        self.u32(c);
+    }
+}
+
+struct Dec<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Dec<'a> {
+    fn new(b: &'a [u8]) -> Self {
+        Dec { b, pos: 0 }
+    }
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.b.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn i64(&mut self) -> Option<i64> {
+        Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn uuid(&mut self) -> Option<Uuid> {
+        Uuid::from_slice(self.take(16)?).ok()
+    }
+    fn str(&mut self) -> Option<String> {
+        let n = self.u32()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).ok()
+    }
+}
+
+// ---------------------------------------------------------------- file header
+
+/// The first 4096 bytes of a chain file; written once at creation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileHeader {
+    pub version: u32,
+    pub chain_id: Uuid,
+    pub block_size: u32,
+    pub seed: u64,
+    pub created_us: i64,
+}
+
+impl FileHeader {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        e.bytes(&FILE_MAGIC);
+        e.u32(self.version);
+        e.u32(FILE_HEADER_BODY as u32);
+        e.uuid(&self.chain_id);
+        e.u32(self.block_size);
+        e.u32(0);
+        e.u64(self.seed);
+        e.i64(self.created_us);
+        e.u64(0);
+        e.crc();
+        let mut v = e.0;
+        v.resize(FILE_HEADER_LEN as usize, 0);
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Result<FileHeader, FormatError> {
+        if b.len() < 16 || b[..16] != FILE_MAGIC {
+            return Err(FormatError::WrongMagic);
+        }
+        let mut d = Dec::new(b);
+        d.take(16);
+        let version = d.u32().ok_or(FormatError::HeaderChecksum)?;
+        if version > VERSION {
+            return Err(FormatError::NewerVersion { found: version });
+        }
+        let len = d.u32().ok_or(FormatError::HeaderChecksum)? as usize;
+        if len != FILE_HEADER_BODY || b.len() < len + 4 {
+            return Err(FormatError::HeaderChecksum);
+        }
+        let stored = u32::from_le_bytes(b[len..len + 4].try_into().unwrap());
+        if crc32fast::hash(&b[..len]) != stored {
+            return Err(FormatError::HeaderChecksum);
+        }
+        let chain_id = d.uuid().ok_or(FormatError::HeaderChecksum)?;
+        let block_size = d.u32().ok_or(FormatError::HeaderChecksum)?;
+        d.u32();
+        let seed = d.u64().ok_or(FormatError::HeaderChecksum)?;
+        let created_us = d.i64().ok_or(FormatError::HeaderChecksum)?;
+        Ok(FileHeader {
+            version,
+            chain_id,
+            block_size,
+            seed,
+            created_us,
+        })
+    }
+}
+
+// ---------------------------------------------------------------- segments
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegmentKind {
+    /// A snapshot taken from a device.
+    Snapshot = 1,
+    /// A snapshot redefined by deleting its predecessor (blocks merged forward).
+    Merge = 2,
+    /// Records that the newest snapshot was deleted.
+    Tombstone = 3,
+}
+
+impl SegmentKind {
+    fn from_u32(v: u32) -> Option<SegmentKind> {
+        match v {
+            1 => Some(SegmentKind::Snapshot),
+            2 => Some(SegmentKind::Merge),
+            3 => Some(SegmentKind::Tombstone),
+            _ => None,
+        }
+    }
+}
+
+/// The structural facts of a segment, stored twice: in its header and in its
+/// footer, so that either one intact is enough to find the segment's parts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegInfo {
+    pub kind: SegmentKind,
+    pub flags: u32,
+    pub chain_id: Uuid,
+    /// The snapshot this segment defines (nil for a tombstone).
+    pub snapshot_id: Uuid,
+    /// Position of the snapshot in the chain's order (creation order).
+    pub seq: u64,
+    /// Absolute file offset of the segment.
+    pub start: u64,
+    /// Length of the whole segment, footer included; a multiple of ALIGN.
+    pub len: u64,
+    /// Length of the header area (a multiple of ALIGN); data follows it.
+    pub header_len: u64,
+    pub data_len: u64,
+    pub index_len: u64,
+    pub index_crc: u32,
+    pub block_size: u32,
+    pub device_size: u64,
+}
+
+impl SegInfo {
+    fn encode(&self, e: &mut Enc) {
+        let before = e.0.len();
+        e.u32(self.kind as u32);
+        e.u32(self.flags);
+        e.uuid(&self.chain_id);
+        e.uuid(&self.snapshot_id);
+        e.u64(self.seq);
+        e.u64(self.start);
+        e.u64(self.len);
+        e.u64(self.header_len);
+        e.u64(self.data_len);
+        e.u64(self.index_len);
+        e.u32(self.index_crc);
+        e.u32(self.block_size);
+        e.u64(self.device_size);
+        debug_assert_eq!(e.0.len() - before, SEG_INFO_LEN);
+    }
+
+    fn decode(d: &mut Dec<'_>) -> Option<SegInfo> {
+        let info = SegInfo {
+            kind: SegmentKind::from_u32(d.u32()?)?,
+            flags: d.u32()?,
+            chain_id: d.uuid()?,
+            snapshot_id: d.uuid()?,
+            seq: d.u64()?,
+            start: d.u64()?,
+            len: d.u64()?,
+            header_len: d.u64()?,
+            data_len: d.u64()?,
+            index_len: d.u64()?,
+            index_crc: d.u32()?,
+            block_size: d.u32()?,
+            device_size: d.u64()?,
+        };
+        info.is_consistent().then_some(info)
+    }
+
+    /// The parts add up and sit where they should.
+    fn is_consistent(&self) -> bool {
+        let parts = self
+            .header_len
+            .checked_add(self.data_len)
+            .and_then(|v| v.checked_add(self.index_len))
+            .and_then(|v| v.checked_add(FOOTER_LEN));
+        matches!(parts, Some(p) if p <= self.len)
+            && self.start % ALIGN == 0
+            && self.len % ALIGN == 0
+            && self.header_len % ALIGN == 0
+            && self.header_len >= ALIGN
+            && self.header_len <= MAX_HEADER_LEN
+            && self.start.checked_add(self.len).is_some()
+            && check_block_size(self.block_size).is_ok()
+    }
+
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+    pub fn data_start(&self) -> u64 {
+        self.start + self.header_len
+    }
+    pub fn index_start(&self) -> u64 {
+        self.data_start() + self.data_len
+    }
+    pub fn is_full(&self) -> bool {
+        self.flags & FLAG_FULL != 0
+    }
+}
+
+/// Identity of the source a snapshot was taken from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SourceId {
+    /// 0 unknown, 1 block device (a = rdev), 2 regular file (a = dev, b = inode).
+    pub kind: u8,
+    pub a: u64,
+    pub b: u64,
+}
+
+/// Facts of a snapshot known only when its scan ends; in the commit record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SegStats {
+    pub created_us: i64,
+    /// The snapshot this one's changes apply to (nil for a full one).
+    pub parent_id: Uuid,
+    pub seed: u64,
+    /// Bytes of blocks that differed from the parent (data and zero).
+    pub changed_bytes: u64,
+    /// Of those, bytes of all-zero blocks (stored without data).
+    pub zero_bytes: u64,
+    pub freeze_us: u64,
+    pub scan_us: u64,
+}
+
+/// Descriptive facts of a snapshot, in the meta area after the commit record.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SegMeta {
+    pub source: SourceId,
+    pub source_path: String,
+    pub name: String,
+    pub description: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Size of the commit record, the first sector of every segment. It is
+/// written last, in one write of one sector, after everything else of the
+/// segment is durable: all zeros means "never committed", anything else that
+/// does not check out means damage.
+pub const COMMIT_LEN: usize = 512;
+
+/// What the first sector of a segment says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Commit {
+    /// A valid commit record.
+    Valid {
+        info: SegInfo,
+        stats: SegStats,
+        meta_len: u32,
+        meta_crc: u32,
+    },
+    /// All zeros: the segment was never committed.
+    Zero,
+    /// A segment of a newer format version.
+    Newer(u32),
+    /// Non-zero and not valid: damaged.
+    Damaged,
+}
+
+/// Header area length for a meta area of `meta_len` bytes.
+pub fn header_len_for(meta_len: usize) -> u64 {
+    crate::util::round_up(COMMIT_LEN as u64 + meta_len as u64, ALIGN)
+}
+
+/// Encode the commit record (exactly COMMIT_LEN bytes).
+pub fn encode_commit(info: &SegInfo, stats: &SegStats, meta: &[u8]) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.bytes(&SEG_MAGIC);
+    e.u32(VERSION);
+    e.u32(0);
+    info.encode(&mut e);
+    e.i64(stats.created_us);
+    e.uuid(&stats.parent_id);
+    e.u64(stats.seed);
+    e.u64(stats.changed_bytes);
+    e.u64(stats.zero_bytes);
+    e.u64(stats.freeze_us);
+    e.u64(stats.scan_us);
+    e.u32(meta.len() as u32);
+    e.u32(crc32fast::hash(meta));
+    e.0.resize(COMMIT_LEN - 4, 0);
+    e.crc();
+    e.0
+}
+
+/// Decode the first sector of a segment.
+pub fn decode_commit(b: &[u8]) -> Commit {
+    if b.len() < COMMIT_LEN {
+        return if b.iter().all(|&x| x == 0) {
+            Commit::Zero
+        } else {
+            Commit::Damaged
+        };
+    }
+    let b = &b[..COMMIT_LEN];
+    if b.iter().all(|&x| x == 0) {
+        return Commit::Zero;
+    }
+    // Every version keeps the magic, the version and this crc32 where they
+    // are, so a newer segment is told apart from a damaged one.
+    let stored = u32::from_le_bytes(b[COMMIT_LEN - 4..].try_into().unwrap());
+    if b[..8] != SEG_MAGIC || crc32fast::hash(&b[..COMMIT_LEN - 4]) != stored {
+        return Commit::Damaged;
+    }
+    let v = u32::from_le_bytes(b[8..12].try_into().unwrap());
+    if v > VERSION {
+        return Commit::Newer(v);
+    }
+    let parse = || -> Option<Commit> {
+        let mut d = Dec::new(b);
+        d.take(16)?;
+        let info = SegInfo::decode(&mut d)?;
+        let stats = SegStats {
+            created_us: d.i64()?,
+            parent_id: d.uuid()?,
+            seed: d.u64()?,
+            changed_bytes: d.u64()?,
+            zero_bytes: d.u64()?,
+            freeze_us: d.u64()?,
+            scan_us: d.u64()?,
+        };
+        let meta_len = d.u32()?;
+        let meta_crc = d.u32()?;
+        if COMMIT_LEN as u64 + meta_len as u64 > info.header_len {
+            return None;
+        }
+        Some(Commit::Valid {
+            info,
+            stats,
+            meta_len,
+            meta_crc,
+        })
+    };
+    parse().unwrap_or(Commit::Damaged)
+}
+
+/// Encode the meta area.
+pub fn encode_meta(m: &SegMeta) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.u8(m.source.kind);
+    e.u64(m.source.a);
+    e.u64(m.source.b);
+    e.str(&m.source_path);
+    e.str(&m.name);
+    e.str(&m.description);
+    e.u32(m.metadata.len() as u32);
+    for (k, v) in &m.metadata {
+        e.str(k);
+        e.str(v);
+    }
+    e.0
+}
+
+/// Decode the meta area; `None` if malformed.
+pub fn decode_meta(b: &[u8]) -> Option<SegMeta> {
+    let mut d = Dec::new(b);
+    let source = SourceId {
+        kind: d.u8()?,
+        a: d.u64()?,
+        b: d.u64()?,
+    };
+    let source_path = d.str()?;
+    let name = d.str()?;
+    let description = d.str()?;
+    let n = d.u32()? as usize;
+    if n > b.len() / 8 {
+        return None;
+    }
+    let mut metadata = BTreeMap::new();
+    for _ in 0..n {
+        let k = d.str()?;
+        let v = d.str()?;
+        metadata.insert(k, v);
+    }
+    (d.pos == b.len()).then_some(SegMeta {
+        source,
+        source_path,
+        name,
+        description,
+        metadata,
+    })
+}
+
+/// Encode a segment footer (exactly FOOTER_LEN bytes).
+pub fn encode_footer(info: &SegInfo) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.bytes(&FOOTER_MAGIC);
+    e.u32(VERSION);
+    info.encode(&mut e);
+    e.0.resize(FOOTER_LEN as usize - 4, 0);
+    e.crc();
+    e.0
+}
+
+/// Decode a footer; `None` if it is not a valid, intact footer.
+pub fn decode_footer(b: &[u8]) -> Option<SegInfo> {
+    if b.len() != FOOTER_LEN as usize || b[..8] != FOOTER_MAGIC {
+        return None;
+    }
+    let body = &b[..FOOTER_LEN as usize - 4];
+    let stored = u32::from_le_bytes(b[FOOTER_LEN as usize - 4..].try_into().ok()?);
+    if crc32fast::hash(body) != stored {
+        return None;
+    }
+    let mut d = Dec::new(body);
+    d.take(8)?;
+    let version = d.u32()?;
+    if version == 0 || version > VERSION {
+        return None;
+    }
+    SegInfo::decode(&mut d)
+}
+
+// ---------------------------------------------------------------- index
+
+/// Where an extent's bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// All zeros; nothing stored.
+    Zero,
+    /// Stored at this absolute file offset, blocks back to back.
+    Data(u64),
+}
+
+/// A run of consecutive device blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub block: u64,
+    pub count: u32,
+    pub location: Location,
+    /// For data extents: position of this extent's first block in the
+    /// index's `prints` and `crcs`.
+    pub meta: u32,
+}
+
+impl Extent {
+    pub fn end_block(&self) -> u64 {
+        self.block + self.count as u64
+    }
+}
+
+/// A segment's index: the snapshots it deletes, and its extents.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Index {
+    pub removes: Vec<Uuid>,
+    pub extents: Vec<Extent>,
+    /// Fingerprint of each block of each data extent.
+    pub prints: Vec<u64>,
+    /// crc32 of each block of each data extent, as stored.
+    pub crcs: Vec<u32>,
+}
+
+const KIND_ZERO: u8 = 0;
+const KIND_DATA: u8 = 1;
+
+impl Index {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        e.u32(self.removes.len() as u32);
+        for r in &self.removes {
+            e.uuid(r);
+        }
+        e.u64(self.extents.len() as u64);
+        for x in &self.extents {
+            e.u64(x.block);
+            e.u32(x.count);
+            match x.location {
+                Location::Zero => {
+                    e.u8(KIND_ZERO);
+                    e.bytes(&[0; 3]);
+                    e.u64(0);
+                }
+                Location::Data(off) => {
+                    e.u8(KIND_DATA);
+                    e.bytes(&[0; 3]);
+                    e.u64(off);
+                    let m = x.meta as usize;
+                    for i in m..m + x.count as usize {
+                        e.u64(self.prints[i]);
+                        e.u32(self.crcs[i]);
+                    }
+                }
+            }
+        }
+        e.0
+    }
+
+    /// Bytes the encoded index will take.
+    pub fn encoded_len(&self) -> u64 {
+        4 + 16 * self.removes.len() as u64
+            + 8
+            + self.extents.len() as u64 * EXTENT_RECORD_LEN
+            + self.prints.len() as u64 * BLOCK_RECORD_LEN
+    }
+
+    /// Decode an index; `None` if malformed. Extents must be sorted, not
+    /// overlap, and carry one fingerprint and crc per data block.
+    pub fn decode(b: &[u8]) -> Option<Index> {
+        let mut d = Dec::new(b);
+        let nr = d.u32()? as usize;
+        if nr > b.len() / 16 {
+            return None;
+        }
+        let mut removes = Vec::with_capacity(nr);
+        for _ in 0..nr {
+            removes.push(d.uuid()?);
+        }
+        let ne = d.u64()?;
+        if ne > (b.len() as u64) / EXTENT_RECORD_LEN {
+            return None;
+        }
+        let mut extents = Vec::with_capacity(ne as usize);
+        let mut prints = Vec::new();
+        let mut crcs = Vec::new();
+        let mut next_free = 0u64;
+        for _ in 0..ne {
+            let block = d.u64()?;
+            let count = d.u32()?;
+            let kind = d.u8()?;
+            d.take(3)?;
+            let off = d.u64()?;
+            if count == 0 || block < next_free {
+                return None;
+            }
+            next_free = block.checked_add(count as u64)?;
+            let location = match kind {
+                KIND_ZERO => Location::Zero,
+                KIND_DATA => {
+                    let need = (count as u64).checked_mul(BLOCK_RECORD_LEN)?;
+                    if need > (b.len() - d.pos) as u64 {
+                        return None;
+                    }
+                    for _ in 0..count {
+                        prints.push(d.u64()?);
+                        crcs.push(d.u32()?);
+                    }
+                    Location::Data(off)
+                }
+                _ => return None,
+            };
+            let meta = match location {
+                Location::Zero => 0,
+                Location::Data(_) => u32::try_from(prints.len() - count as usize).ok()?,
+            };
+            extents.push(Extent {
+                block,
+                count,
+                location,
+                meta,
+            });
+        }
+        if d.pos != b.len() {
+            return None;
+        }
+        Some(Index {
+            removes,
+            extents,
+            prints,
+            crcs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> SegInfo {
+        SegInfo {
+            kind: SegmentKind::Snapshot,
+            flags: FLAG_FULL,
+            chain_id: Uuid::new_v4(),
+            snapshot_id: Uuid::new_v4(),
+            seq: 3,
+            start: 8192,
+            len: 16384,
+            header_len: 4096,
+            data_len: 8192,
+            index_len: 100,
+            index_crc: 77,
+            block_size: 4096,
+            device_size: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn file_header_round_trip_and_errors() {
+        let h = FileHeader {
+            version: VERSION,
+            chain_id: Uuid::new_v4(),
+            block_size: 4096,
+            seed: 99,
+            created_us: 123,
+        };
+        let b = h.encode();
+        assert_eq!(b.len(), FILE_HEADER_LEN as usize);
+        assert_eq!(FileHeader::decode(&b).unwrap(), h);
+        let mut bad = b.clone();
+        bad[0] = b'X';
+        assert_eq!(FileHeader::decode(&bad), Err(FormatError::WrongMagic));
+        let mut bad = b.clone();
+        bad[30] ^= 1;
+        assert_eq!(FileHeader::decode(&bad), Err(FormatError::HeaderChecksum));
+        let mut newer = b.clone();
+        newer[16..20].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(
+            FileHeader::decode(&newer),
+            Err(FormatError::NewerVersion { found: 2 })
+        );
+    }
+
+    #[test]
+    fn commit_meta_and_footer_round_trip() {
+        let mut meta = SegMeta {
+            name: "snap-001".into(),
+            description: "Daily Backup".into(),
+            ..Default::default()
+        };
+        meta.metadata.insert("k".into(), "v".into());
+        let mb = encode_meta(&meta);
+        assert_eq!(decode_meta(&mb).unwrap(), meta);
+        let stats = SegStats {
+            created_us: 5,
+            changed_bytes: 4096,
+            ..Default::default()
+        };
+        let seg = info();
+        let c = encode_commit(&seg, &stats, &mb);
+        assert_eq!(c.len(), COMMIT_LEN);
+        assert_eq!(
+            decode_commit(&c),
+            Commit::Valid {
+                info: seg,
+                stats,
+                meta_len: mb.len() as u32,
+                meta_crc: crc32fast::hash(&mb)
+            }
+        );
+        for i in 0..COMMIT_LEN {
+            let mut bad = c.clone();
+            bad[i] ^= 0x10;
+            assert_eq!(
+                decode_commit(&bad),
+                Commit::Damaged,
+                "flip at {i} undetected"
+            );
+        }
+        assert_eq!(decode_commit(&[0u8; COMMIT_LEN]), Commit::Zero);
+        assert_eq!(decode_commit(&[0u8; 100]), Commit::Zero);
+        let mut newer = c.clone();
+        newer[8..12].copy_from_slice(&9u32.to_le_bytes());
+        let crc = crc32fast::hash(&newer[..COMMIT_LEN - 4]);
+        newer[COMMIT_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode_commit(&newer), Commit::Newer(9));
+        let f = encode_footer(&seg);
+        assert_eq!(f.len(), FOOTER_LEN as usize);
+        assert_eq!(decode_footer(&f).unwrap(), seg);
+        for i in 0..f.len() {
+            let mut bad = f.clone();
+            bad[i] ^= 1;
+            assert!(decode_footer(&bad).is_none(), "flip at {i} undetected");
+        }
+        for n in 0..mb.len() {
+            assert!(decode_meta(&mb[..n]).is_none());
+        }
+    }
+
+    #[test]
+    fn index_round_trip_and_rejects_garbage() {
+        let idx = Index {
+            removes: vec![Uuid::new_v4()],
+            extents: vec![
+                Extent {
+                    block: 0,
+                    count: 2,
+                    location: Location::Data(4096),
+                    meta: 0,
+                },
+                Extent {
+                    block: 5,
+                    count: 10,
+                    location: Location::Zero,
+                    meta: 0,
+                },
+                Extent {
+                    block: 20,
+                    count: 1,
+                    location: Location::Data(12288),
+                    meta: 2,
+                },
+            ],
+            prints: vec![1, 2, 3],
+            crcs: vec![4, 5, 6],
+        };
+        let b = idx.encode();
+        assert_eq!(b.len() as u64, idx.encoded_len());
+        assert_eq!(Index::decode(&b).unwrap(), idx);
+        // Truncations never decode.
+        for n in 0..b.len() {
+            assert!(Index::decode(&b[..n]).is_none());
+        }
+        // Overlapping extents are refused.
+        let mut overlap = idx.clone();
+        overlap.extents[1].block = 1;
+        assert!(Index::decode(&overlap.encode()).is_none());
+        // A huge extent count with no bytes behind it does not allocate.
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&0u32.to_le_bytes());
+        huge.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(Index::decode(&huge).is_none());
+    }
+
+    #[test]
+    fn block_size_rules() {
+        assert!(check_block_size(4096).is_ok());
+        assert!(check_block_size(4 << 20).is_ok());
+        assert!(check_block_size(2048).is_err());
+        assert!(check_block_size(12288).is_err());
+        assert!(check_block_size(8 << 20).is_err());
+    }
+}

@@ -1,0 +1,458 @@
+//! Writing a snapshot's image to a file or a block device.
+//!
+//! The plan from [`Chain::resolve`] names, for every block, the one place its
+//! bytes are stored; restore reads each stored run once, checks every block's
+//! crc32 on the way, and writes each target block once, in block order. Zero
+//! runs become holes in files and zeroed ranges on devices.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use uuid::Uuid;
+
+use super::{Chain, ChainError, Plan, Source};
+use crate::device::Identity;
+use crate::sys;
+use crate::util::WriteBehind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("cannot open restore target {path}")]
+    Target {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("restore target {path} is mounted or in use; unmount it first")]
+    TargetBusy { path: PathBuf },
+    #[error("restore target {path} holds {size} bytes but snapshot {id} needs {needed}; use a device at least that large")]
+    TargetTooSmall {
+        path: PathBuf,
+        id: Uuid,
+        size: u64,
+        needed: u64,
+    },
+    #[error("restore target {path} is the chain file itself")]
+    TargetIsChain { path: PathBuf },
+    #[error("restore target {path} is the device this snapshot was taken from; pass --force to overwrite it (it must not be mounted)")]
+    TargetIsSource { path: PathBuf },
+    #[error("restore target {path} is neither a block device nor a regular file")]
+    TargetKind { path: PathBuf },
+    #[error("cannot write restore target {path} at offset {offset}")]
+    Write {
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("snapshot {id} is damaged: block {block} (device offset {offset}) stored at chain offset {chain_offset} fails its checksum; the target is incomplete")]
+    Corrupt {
+        id: Uuid,
+        block: u64,
+        offset: u64,
+        chain_offset: u64,
+    },
+}
+
+/// Options of a restore.
+#[derive(Debug, Default)]
+pub struct RestoreOptions {
+    /// Allow the target to be the device the snapshot was taken from.
+    pub force: bool,
+    /// Bytes of the image written so far, for progress reporting.
+    pub progress: Option<std::sync::Arc<AtomicU64>>,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreOutcome {
+    pub image_bytes: u64,
+    pub data_bytes: u64,
+    pub zero_bytes: u64,
+}
+
+enum TargetKind {
+    /// A file we created: zero runs are already holes.
+    NewFile,
+    /// An existing file: zero runs are punched.
+    File,
+    /// A block device: zero runs are BLKZEROOUT.
+    Device,
+}
+
+/// Restore snapshot `id` of `chain` to `target`.
+pub fn restore(
+    chain: &Chain,
+    id: Uuid,
+    target: &Path,
+    opts: &RestoreOptions,
+) -> Result<RestoreOutcome, RestoreError> {
+    let plan = chain.resolve(id)?;
+    if let Some(d) = &plan.snapshot.damaged {
+        return Err(ChainError::SnapshotDamaged {
+            path: chain.path().to_path_buf(),
+            id,
+            detail: d.clone(),
+        }
+        .into());
+    }
+    let (file, kind) = open_target(chain, &plan, target, opts)?;
+    write_image(chain, &plan, &file, kind, target, opts)
+}
+
+fn open_target(
+    chain: &Chain,
+    plan: &Plan,
+    target: &Path,
+    opts: &RestoreOptions,
+) -> Result<(File, TargetKind), RestoreError> {
+    let terr = |source| RestoreError::Target {
+        path: target.to_path_buf(),
+        source,
+    };
+    let needed = plan.device_size();
+    match std::fs::metadata(target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(target)
+                .map_err(terr)?;
+            file.set_len(needed).map_err(terr)?;
+            Ok((file, TargetKind::NewFile))
+        }
+        Err(e) => Err(terr(e)),
+        Ok(md) => {
+            let identity = Identity::of_metadata(&md);
+            let chain_md = chain.file().metadata().map_err(terr)?;
+            if identity == Identity::of_metadata(&chain_md) {
+                return Err(RestoreError::TargetIsChain {
+                    path: target.to_path_buf(),
+                });
+            }
+            let src = plan.snapshot.source;
+            let same_source = match identity {
+                Identity::Block { rdev } => src.kind == 1 && src.a == rdev,
+                Identity::File { dev, ino } => src.kind == 2 && src.a == dev && src.b == ino,
+            };
+            if same_source && !opts.force {
+                return Err(RestoreError::TargetIsSource {
+                    path: target.to_path_buf(),
+                });
+            }
+            let ft = md.file_type();
+            if ft.is_block_device() {
+                // O_EXCL on a block device fails while it is mounted.
+                let file = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
+                    .open(target)
+                    .map_err(|e| {
+                        if e.raw_os_error() == Some(libc::EBUSY) {
+                            RestoreError::TargetBusy {
+                                path: target.to_path_buf(),
+                            }
+                        } else {
+                            terr(e)
+                        }
+                    })?;
+                let size = sys::block_device_size(file.as_fd()).map_err(terr)?;
+                if size < needed {
+                    return Err(RestoreError::TargetTooSmall {
+                        path: target.to_path_buf(),
+                        id: plan.snapshot.id,
+                        size,
+                        needed,
+                    });
+                }
+                Ok((file, TargetKind::Device))
+            } else if ft.is_file() {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(target)
+                    .map_err(terr)?;
+                file.set_len(needed).map_err(terr)?;
+                Ok((file, TargetKind::File))
+            } else {
+                Err(RestoreError::TargetKind {
+                    path: target.to_path_buf(),
+                })
+            }
+        }
+    }
+}
+
+/// Reads are batched into buffers of up to this many bytes.
+const BATCH: u64 = 8 << 20;
+
+/// A filled buffer on its way to the writer.
+struct Batch {
+    buf: Vec<u8>,
+    /// (target offset, length, offset in buf) pieces.
+    pieces: Vec<(u64, u64, usize)>,
+}
+
+fn write_image(
+    chain: &Chain,
+    plan: &Plan,
+    file: &File,
+    kind: TargetKind,
+    target: &Path,
+    opts: &RestoreOptions,
+) -> Result<RestoreOutcome, RestoreError> {
+    let bs = plan.block_size as u64;
+    let size = plan.device_size();
+    let mut out = RestoreOutcome {
+        image_bytes: size,
+        ..Default::default()
+    };
+    let wfd = file.as_fd();
+    let werr = |offset: u64| {
+        move |source| RestoreError::Write {
+            path: target.to_path_buf(),
+            offset,
+            source,
+        }
+    };
+    // Zero runs first: they need no reads and on a device they are cheap.
+    for r in &plan.runs {
+        if r.source != Source::Zero {
+            continue;
+        }
+        let off = r.block * bs;
+        let len = (r.count * bs).min(size - off);
+        out.zero_bytes += len;
+        match kind {
+            TargetKind::NewFile => {}
+            TargetKind::File => sys::punch_hole(wfd, off, len).map_err(werr(off))?,
+            TargetKind::Device => zero_device(file, off, len).map_err(werr(off))?,
+        }
+    }
+
+    // Data runs: a reader (this thread) fills buffers and checks crcs, a
+    // writer thread writes them; two buffers in flight overlap the two.
+    let (full_tx, full_rx) = mpsc::sync_channel::<Batch>(1);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..2 {
+        empty_tx.send(Vec::with_capacity(BATCH as usize)).unwrap();
+    }
+    let progress = opts.progress.clone();
+    let zero_bytes = out.zero_bytes;
+    let result = std::thread::scope(|s| -> Result<u64, RestoreError> {
+        let writer = s.spawn(move || -> Result<(), RestoreError> {
+            let mut written: u64 = 0;
+            // Pieces arrive in block order, so the target is written front to back.
+            let mut behind = WriteBehind::new(0);
+            for batch in full_rx {
+                for &(toff, len, boff) in &batch.pieces {
+                    sys::pwrite_full(wfd, &batch.buf[boff..boff + len as usize], toff)
+                        .map_err(werr(toff))?;
+                    written += len;
+                    behind.wrote(wfd, toff + len);
+                    if let Some(p) = &progress {
+                        p.store(zero_bytes + written, Ordering::Relaxed);
+                    }
+                }
+                if empty_tx.send(batch.buf).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let read = read_batches(chain, plan, full_tx, empty_rx);
+        let wrote = writer.join().expect("restore writer panicked");
+        let data = read?;
+        wrote?;
+        Ok(data)
+    });
+    out.data_bytes = result?;
+    file.sync_all().map_err(werr(0))?;
+    let _ = sys::drop_cache(wfd, 0, size);
+    Ok(out)
+}
+
+/// A stored run, or the part of one that fits in a batch.
+#[derive(Clone, Copy)]
+struct Piece {
+    block: u64,
+    count: u64,
+    chain_offset: u64,
+    segment: usize,
+    meta: u32,
+}
+
+/// The plan's data runs, cut so that none is longer than a batch.
+fn pieces(plan: &Plan) -> Vec<Piece> {
+    let bs = plan.block_size as u64;
+    let max_blocks = BATCH / bs;
+    let mut out = Vec::new();
+    for r in &plan.runs {
+        let Source::Data {
+            offset,
+            segment,
+            meta,
+        } = r.source
+        else {
+            continue;
+        };
+        let mut done = 0;
+        while done < r.count {
+            let count = (r.count - done).min(max_blocks);
+            out.push(Piece {
+                block: r.block + done,
+                count,
+                chain_offset: offset + done * bs,
+                segment,
+                meta: meta + done as u32,
+            });
+            done += count;
+        }
+    }
+    out
+}
+
+fn read_batches(
+    chain: &Chain,
+    plan: &Plan,
+    full_tx: mpsc::SyncSender<Batch>,
+    empty_rx: mpsc::Receiver<Vec<u8>>,
+) -> Result<u64, RestoreError> {
+    let bs = plan.block_size as u64;
+    let size = plan.device_size();
+    let rfd = chain.file().as_fd();
+    let all = pieces(plan);
+    let piece_len = |p: &Piece| (p.count * bs).min(size - p.block * bs);
+    let mut total = 0u64;
+    let mut next = 0;
+    while next < all.len() {
+        let Ok(mut buf) = empty_rx.recv() else {
+            break;
+        };
+        buf.clear();
+        // Take pieces while they fit; read pieces that are adjacent in the
+        // chain file with a single pread.
+        let first = next;
+        let mut used = 0u64;
+        while next < all.len() && used + piece_len(&all[next]) <= BATCH {
+            used += piece_len(&all[next]);
+            next += 1;
+        }
+        let batch = &all[first..next];
+        let mut i = 0;
+        while i < batch.len() {
+            let from = batch[i].chain_offset;
+            let mut len = piece_len(&batch[i]);
+            let mut j = i + 1;
+            while j < batch.len() && batch[j].chain_offset == from + len {
+                len += piece_len(&batch[j]);
+                j += 1;
+            }
+            flush_read(rfd, &mut buf, from, len, chain)?;
+            i = j;
+        }
+        // Check every block against its crc before it goes anywhere.
+        let mut pieces_out = Vec::with_capacity(batch.len());
+        let mut boff = 0usize;
+        for p in batch {
+            for k in 0..p.count {
+                let b = p.block + k;
+                let len = plan.block_len(b) as usize;
+                let start = boff + (k * bs) as usize;
+                let (crc, _) = plan.block_check(p.segment, p.meta + k as u32);
+                if crc32fast::hash(&buf[start..start + len]) != crc {
+                    return Err(RestoreError::Corrupt {
+                        id: plan.snapshot.id,
+                        block: b,
+                        offset: b * bs,
+                        chain_offset: p.chain_offset + k * bs,
+                    });
+                }
+            }
+            let len = piece_len(p);
+            pieces_out.push((p.block * bs, len, boff));
+            boff += len as usize;
+        }
+        total += used;
+        if full_tx
+            .send(Batch {
+                buf,
+                pieces: pieces_out,
+            })
+            .is_err()
+        {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+fn flush_read(
+    fd: std::os::fd::BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+    from: u64,
+    len: u64,
+    chain: &Chain,
+) -> Result<(), RestoreError> {
+    let at = buf.len();
+    buf.resize(at + len as usize, 0);
+    let n = sys::pread_full(fd, &mut buf[at..], from).map_err(|source| ChainError::Read {
+        path: chain.path().to_path_buf(),
+        offset: from,
+        source,
+    })?;
+    if n as u64 != len {
+        return Err(ChainError::Read {
+            path: chain.path().to_path_buf(),
+            offset: from + n as u64,
+            source: io::Error::from(io::ErrorKind::UnexpectedEof),
+        }
+        .into());
+    }
+    let _ = sys::drop_cache(fd, from, len);
+    Ok(())
+}
+
+/// Zero a range of a block device: BLKZEROOUT for whole sectors, plain
+/// writes for an unaligned tail.
+fn zero_device(file: &File, off: u64, len: u64) -> io::Result<()> {
+    let fd = file.as_fd();
+    let aligned = len & !511;
+    if aligned > 0 {
+        if let Err(e) = sys::zero_out(fd, off, aligned) {
+            // Some devices refuse BLKZEROOUT; write zeros instead.
+            tracing::debug!("BLKZEROOUT failed ({e}); writing zeros");
+            write_zeros(fd, off, aligned)?;
+        }
+    }
+    if len > aligned {
+        write_zeros(fd, off + aligned, len - aligned)?;
+    }
+    Ok(())
+}
+
+fn write_zeros(fd: std::os::fd::BorrowedFd<'_>, mut off: u64, mut len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; (1 << 20).min(len as usize)];
+    while len > 0 {
+        let n = len.min(zeros.len() as u64);
+        sys::pwrite_full(fd, &zeros[..n as usize], off)?;
+        off += n;
+        len -= n;
+    }
+    Ok(())
+}
+
+/// Whether `path` is a block device.
+pub fn is_block_device(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false)
+}

@@ -1,0 +1,267 @@
+//! Appending one segment to a chain, crash-safely.
+//!
+//! Order of writes: meta area and data, then index and footer; fdatasync;
+//! then the 512-byte commit record at the segment's start; fdatasync. Until
+//! the commit record is durable the segment does not exist: a crash leaves a
+//! tail whose first sector is zero, which the next writer cuts off.
+
+use std::os::fd::AsFd;
+
+use uuid::Uuid;
+
+use super::format::*;
+use super::{Chain, ChainError};
+use crate::sys;
+use crate::util::WriteBehind;
+
+/// What a segment defines.
+#[derive(Clone, Debug)]
+pub struct SegmentPlan {
+    pub kind: SegmentKind,
+    pub snapshot_id: Uuid,
+    pub seq: u64,
+    pub device_size: u64,
+    pub full: bool,
+    pub meta: SegMeta,
+    pub removes: Vec<Uuid>,
+}
+
+/// A segment being appended. Dropping it without [`SegmentWriter::commit`]
+/// cuts the file back to where the segment started.
+#[derive(Debug)]
+pub struct SegmentWriter<'c> {
+    chain: &'c mut Chain,
+    plan: SegmentPlan,
+    start: u64,
+    header_len: u64,
+    meta_bytes: Vec<u8>,
+    data_pos: u64,
+    index: Index,
+    behind: WriteBehind,
+    done: bool,
+}
+
+impl<'c> SegmentWriter<'c> {
+    pub fn begin(chain: &'c mut Chain, plan: SegmentPlan) -> Result<SegmentWriter<'c>, ChainError> {
+        assert_eq!(
+            chain.access,
+            super::Access::Write,
+            "segment writer on a read-only chain"
+        );
+        let meta_bytes = encode_meta(&plan.meta);
+        let header_len = header_len_for(meta_bytes.len());
+        if header_len > MAX_HEADER_LEN {
+            return Err(ChainError::Write {
+                path: chain.path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "name, description and metadata are too large (limit 1 MiB)",
+                ),
+            });
+        }
+        let start = chain.end;
+        // Anything past the last committed segment is garbage from an aborted
+        // attempt; drop it so a crash cannot mix old and new bytes.
+        chain.truncate_tail()?;
+        let werr = |source| ChainError::Write {
+            path: chain.path.clone(),
+            source,
+        };
+        sys::pwrite_full(chain.file.as_fd(), &meta_bytes, start + COMMIT_LEN as u64)
+            .map_err(werr)?;
+        let data_pos = start + header_len;
+        Ok(SegmentWriter {
+            chain,
+            start,
+            header_len,
+            meta_bytes,
+            data_pos,
+            index: Index {
+                removes: plan.removes.clone(),
+                ..Default::default()
+            },
+            plan,
+            behind: WriteBehind::new(data_pos),
+            done: false,
+        })
+    }
+
+    /// Set the device size once the device is open (before any data).
+    pub fn set_device_size(&mut self, size: u64) {
+        self.plan.device_size = size;
+    }
+
+    fn werr(&self) -> impl FnOnce(std::io::Error) -> ChainError + '_ {
+        |source| ChainError::Write {
+            path: self.chain.path.clone(),
+            source,
+        }
+    }
+
+    /// Append stored data for blocks `first..first+prints.len()`. `data` holds
+    /// the blocks back to back (only the device's last block may be short).
+    pub fn append_data(
+        &mut self,
+        first: u64,
+        data: &[u8],
+        prints: &[u64],
+    ) -> Result<(), ChainError> {
+        let bs = self.chain.block_size() as usize;
+        debug_assert_eq!(data.len().div_ceil(bs), prints.len());
+        let off = self.data_pos;
+        sys::pwrite_full(self.chain.file.as_fd(), data, off).map_err(self.werr())?;
+        self.data_pos += data.len() as u64;
+        self.behind.wrote(self.chain.file.as_fd(), self.data_pos);
+        let meta = self.index.prints.len();
+        self.index.prints.extend_from_slice(prints);
+        self.index.crcs.extend(data.chunks(bs).map(crc32fast::hash));
+        self.push(first, prints.len() as u64, Location::Data(off), meta as u32);
+        Ok(())
+    }
+
+    /// Record `count` all-zero blocks starting at `first`.
+    pub fn append_zero(&mut self, first: u64, count: u64) {
+        self.push(first, count, Location::Zero, 0);
+    }
+
+    /// Record blocks already stored elsewhere in the chain (a merge), with
+    /// their fingerprints and crcs.
+    pub fn append_reference(&mut self, first: u64, offset: u64, prints: &[u64], crcs: &[u32]) {
+        let meta = self.index.prints.len();
+        self.index.prints.extend_from_slice(prints);
+        self.index.crcs.extend_from_slice(crcs);
+        self.push(
+            first,
+            prints.len() as u64,
+            Location::Data(offset),
+            meta as u32,
+        );
+    }
+
+    fn push(&mut self, first: u64, mut count: u64, location: Location, mut meta: u32) {
+        let bs = self.chain.block_size() as u64;
+        let mut first = first;
+        let mut location = location;
+        // Extend the previous extent when this one continues it on the device
+        // and, for data, in the file.
+        if let Some(last) = self.index.extents.last_mut() {
+            let contiguous = last.end_block() == first
+                && match (last.location, location) {
+                    (Location::Zero, Location::Zero) => true,
+                    (Location::Data(a), Location::Data(b)) => {
+                        a + last.count as u64 * bs == b
+                            && last.meta as u64 + last.count as u64 == meta as u64
+                    }
+                    _ => false,
+                };
+            if contiguous {
+                let room = (u32::MAX - last.count) as u64;
+                let take = room.min(count);
+                last.count += take as u32;
+                count -= take;
+                if count == 0 {
+                    return;
+                }
+                first += take;
+                if let Location::Data(b) = location {
+                    location = Location::Data(b + take * bs);
+                    meta += take as u32;
+                }
+            }
+        }
+        while count > 0 {
+            let c = count.min(u32::MAX as u64);
+            self.index.extents.push(Extent {
+                block: first,
+                count: c as u32,
+                location,
+                meta,
+            });
+            count -= c;
+            first += c;
+            if let Location::Data(b) = location {
+                location = Location::Data(b + c * bs);
+                meta += c as u32;
+            }
+        }
+    }
+
+    /// Bytes of data written so far.
+    pub fn data_len(&self) -> u64 {
+        self.data_pos - self.start - self.header_len
+    }
+
+    /// The segment's total length if committed now.
+    pub fn projected_len(&self) -> u64 {
+        crate::util::round_up(
+            self.header_len + self.data_len() + self.index.encoded_len() + FOOTER_LEN,
+            ALIGN,
+        )
+    }
+
+    /// Write index and footer, make them durable, then write and sync the
+    /// commit record. Returns the committed segment's facts.
+    pub fn commit(mut self, stats: SegStats) -> Result<SegInfo, ChainError> {
+        let index_bytes = self.index.encode();
+        let data_len = self.data_len();
+        let len = crate::util::round_up(
+            self.header_len + data_len + index_bytes.len() as u64 + FOOTER_LEN,
+            ALIGN,
+        );
+        let info = SegInfo {
+            kind: self.plan.kind,
+            flags: if self.plan.full { FLAG_FULL } else { 0 },
+            chain_id: self.chain.chain_id(),
+            snapshot_id: self.plan.snapshot_id,
+            seq: self.plan.seq,
+            start: self.start,
+            len,
+            header_len: self.header_len,
+            data_len,
+            index_len: index_bytes.len() as u64,
+            index_crc: crc32fast::hash(&index_bytes),
+            block_size: self.chain.block_size(),
+            device_size: self.plan.device_size,
+        };
+        let fd = self.chain.file.as_fd();
+        let path = self.chain.path.clone();
+        let werr = |source| ChainError::Write {
+            path: path.clone(),
+            source,
+        };
+        sys::pwrite_full(fd, &index_bytes, info.index_start()).map_err(werr)?;
+        sys::pwrite_full(fd, &encode_footer(&info), info.end() - FOOTER_LEN).map_err(werr)?;
+        self.chain.file.sync_data().map_err(werr)?;
+        let commit = encode_commit(&info, &stats, &self.meta_bytes);
+        sys::pwrite_full(fd, &commit, info.start).map_err(werr)?;
+        self.chain.file.sync_data().map_err(werr)?;
+        self.behind.finish(fd, info.end());
+        self.done = true;
+        // The segment is committed; bring the in-memory view up to date.
+        let index = std::sync::Arc::new(std::mem::take(&mut self.index));
+        let seg = super::Segment {
+            info,
+            stats: Some(stats),
+            meta: Some(self.plan.meta.clone()),
+            footer_ok: true,
+            index: std::sync::OnceLock::from(Ok(index)),
+        };
+        self.chain.segments.push(seg);
+        self.chain.end = info.end();
+        self.chain.compute_live()?;
+        Ok(info)
+    }
+}
+
+impl Drop for SegmentWriter<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Err(e) = self.chain.truncate_tail() {
+                tracing::warn!(
+                    "could not cut off an abandoned segment: {}; the next take or delete will",
+                    crate::util::error_chain(&e)
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Small helpers shared by several layers.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// fsync the directory holding `path`, so a rename or create in it is durable.
+pub fn sync_parent(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// Write `bytes` to `path` atomically: temporary file, fsync, rename, fsync dir.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_parent(path)
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// `%Y-%m-%dT%H:%M:%S.%f` in UTC without a zone suffix, as the API reference asks.
+pub fn format_timestamp(micros: i64) -> String {
+    let secs = micros.div_euclid(1_000_000);
+    let frac = micros.rem_euclid(1_000_000);
+    match time::OffsetDateTime::from_unix_timestamp(secs) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            frac
+        ),
+        Err(_) => "1970-01-01T00:00:00.000000".to_string(),
+    }
+}
+
+/// The error and its causes on one line, each message once:
+/// `cannot open chain x: No such file or directory`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let msg = e.to_string();
+        if !out.ends_with(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = e.source();
+    }
+    out
+}
+
+/// Bytes for people: 1.5 GiB.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Round `n` up to a multiple of `to` (a power of two).
+pub fn round_up(n: u64, to: u64) -> u64 {
+    (n + to - 1) & !(to - 1)
+}
+
+/// Write-behind for a file written front to back: start write-back of each
+/// chunk as it fills and, once the chunk before it is on disk, drop that from
+/// the page cache, so a large write does not push the host's working set out.
+#[derive(Debug)]
+pub struct WriteBehind {
+    kicked: u64,
+    dropped: u64,
+}
+
+const WRITE_BEHIND_CHUNK: u64 = 32 << 20;
+
+impl WriteBehind {
+    pub fn new(start: u64) -> WriteBehind {
+        WriteBehind {
+            kicked: start,
+            dropped: start,
+        }
+    }
+
+    /// Everything before `pos` has been written.
+    pub fn wrote(&mut self, fd: std::os::fd::BorrowedFd<'_>, pos: u64) {
+        if pos < self.kicked || pos - self.kicked < WRITE_BEHIND_CHUNK {
+            return;
+        }
+        if self.kicked > self.dropped {
+            let _ = crate::sys::sync_range(fd, self.dropped, self.kicked - self.dropped, true);
+            let _ = crate::sys::drop_cache(fd, self.dropped, self.kicked - self.dropped);
+            self.dropped = self.kicked;
+        }
+        let _ = crate::sys::sync_range(fd, self.kicked, pos - self.kicked, false);
+        self.kicked = pos;
+    }
+
+    /// After an fsync: drop the rest up to `end` from the page cache.
+    pub fn finish(&mut self, fd: std::os::fd::BorrowedFd<'_>, end: u64) {
+        if end > self.dropped {
+            let _ = crate::sys::drop_cache(fd, self.dropped, end - self.dropped);
+            self.dropped = end;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_match_the_reference_format() {
+        // 2014-06-04T20:16:17 UTC, from the seed's example response.
+        assert_eq!(
+            format_timestamp(1_401_912_977_000_000),
+            "2014-06-04T20:16:17.000000"
+        );
+        assert_eq!(
+            format_timestamp(1_401_912_977_123_456),
+            "2014-06-04T20:16:17.123456"
+        );
+    }
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot open chain x")]
+        struct Outer(#[source] io::Error);
+        let e = Outer(io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(
+            error_chain(&e),
+            "cannot open chain x: No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn rounding_and_units() {
+        assert_eq!(round_up(1, 4096), 4096);
+        assert_eq!(round_up(4096, 4096), 4096);
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
+}
