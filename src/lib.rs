@@ -13,6 +13,7 @@ pub mod chain;
 pub mod device;
 pub mod fault;
 pub mod fingerprint;
+pub mod loopdev;
 pub mod quiesce;
 pub mod sigbus;
 pub mod sys;

@@ -28,10 +28,12 @@ nix::ioctl_readwrite!(ioctl_fithaw, b'X', 120, libc::c_int);
 // Loop devices, from <linux/loop.h>. These predate the _IO encoding.
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_REMOVE: libc::c_ulong = 0x4C81;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 nix::ioctl_none_bad!(ioctl_loop_clr_fd, LOOP_CLR_FD);
+nix::ioctl_none_bad!(ioctl_loop_set_capacity, LOOP_SET_CAPACITY);
 nix::ioctl_read_bad!(ioctl_loop_get_status64, LOOP_GET_STATUS64, LoopInfo64);
 nix::ioctl_write_ptr_bad!(ioctl_loop_configure, LOOP_CONFIGURE, LoopConfig);
 nix::ioctl_none_bad!(ioctl_loop_ctl_get_free, LOOP_CTL_GET_FREE);
@@ -177,6 +179,13 @@ pub fn loop_configure(dev: BorrowedFd<'_>, config: &LoopConfig) -> io::Result<()
 pub fn loop_clear(dev: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: `dev` is a valid loop device descriptor; the ioctl takes no argument.
     unsafe { ioctl_loop_clr_fd(dev.as_raw_fd()) }.map_err(errno)?;
+    Ok(())
+}
+
+/// Re-read the size of a loop device's backing file (`LOOP_SET_CAPACITY`).
+pub fn loop_set_capacity(dev: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: `dev` is a valid loop device descriptor; the ioctl takes no argument.
+    unsafe { ioctl_loop_set_capacity(dev.as_raw_fd()) }.map_err(errno)?;
     Ok(())
 }
 

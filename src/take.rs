@@ -152,7 +152,19 @@ pub fn take(
     let old = if opts.full {
         None
     } else {
-        chain.newest_fingerprints(&side)?
+        match chain.newest_fingerprints(&side) {
+            Ok(m) => m,
+            // The map cannot be rebuilt from a damaged index: a full snapshot
+            // needs nothing from earlier segments, so backups keep working.
+            Err(e @ ChainError::SnapshotDamaged { .. }) => {
+                tracing::error!(
+                    "{}; taking a full snapshot instead of an increment",
+                    crate::util::error_chain(&e)
+                );
+                None
+            }
+            Err(e) => return Err(e.into()),
+        }
     };
     let id = opts.snapshot_id.unwrap_or_else(Uuid::new_v4);
     if chain.snapshots().iter().any(|s| s.id == id) {

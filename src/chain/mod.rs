@@ -327,10 +327,30 @@ impl Chain {
                 source: FormatError::WrongMagic,
             });
         }
-        let header = FileHeader::decode(&first[..n]).map_err(|source| ChainError::Format {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let mut damage = Vec::new();
+        let header = match FileHeader::decode(&first[..n]) {
+            Ok(h) => h,
+            // The magic is right but the header does not check out: every
+            // segment repeats what it holds, so recover it from the first.
+            Err(FormatError::HeaderChecksum) => {
+                let recovered = recover_header(&file).ok_or_else(|| ChainError::Format {
+                    path: path.to_path_buf(),
+                    source: FormatError::HeaderChecksum,
+                })?;
+                damage.push(Damage {
+                    offset: 0,
+                    detail: "the file header is damaged (recovered from the first segment)"
+                        .to_string(),
+                });
+                recovered
+            }
+            Err(source) => {
+                return Err(ChainError::Format {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
         check_block_size(header.block_size).map_err(|source| ChainError::Format {
             path: path.to_path_buf(),
             source,
@@ -343,7 +363,7 @@ impl Chain {
             segments: Vec::new(),
             end: FILE_HEADER_LEN,
             torn_tail: 0,
-            damage: Vec::new(),
+            damage,
             snapshots: Vec::new(),
         };
         chain.walk(file_len)?;
@@ -908,6 +928,22 @@ pub fn side_file(chain: &Path) -> PathBuf {
     let mut name = chain.file_name().unwrap_or_default().to_os_string();
     name.push(".fpmap");
     chain.with_file_name(name)
+}
+
+/// Rebuild a damaged file header from the first segment's commit record.
+fn recover_header(file: &File) -> Option<FileHeader> {
+    let mut c = vec![0u8; COMMIT_LEN];
+    let n = sys::pread_full(file.as_fd(), &mut c, FILE_HEADER_LEN).ok()?;
+    match decode_commit(&c[..n]) {
+        Commit::Valid { info, stats, .. } => Some(FileHeader {
+            version: VERSION,
+            chain_id: info.chain_id,
+            block_size: info.block_size,
+            seed: stats.seed,
+            created_us: stats.created_us,
+        }),
+        _ => None,
+    }
 }
 
 enum At {

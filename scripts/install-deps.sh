@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Debian packages the tests and the benchmark use. Idempotent and quick when
+# everything is already there.
+set -euo pipefail
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have mkfs.ext4 || need+=(e2fsprogs)
+have mkfs.xfs || need+=(xfsprogs)
+have xfs_repair || need+=(xfsprogs)
+have losetup || need+=(mount)
+have fuser || need+=(psmisc)
+have curl || need+=(curl)
+have fincore || need+=(util-linux)
+have systemd-analyze || need+=(systemd)
+have systemd-socket-activate || need+=(systemd)
+if [ ${#need[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite, as the README gives it and CI runs it.
+# As root it first installs what the tests need (mkfs.xfs, fsck, FUSE, ...)
+# and runs everything; unprivileged, tests that need loop devices and mounts
+# say why they skip (set BLOCKSNAP_REQUIRE_ROOT_TESTS=1 to make that a failure).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ]; then
+    scripts/install-deps.sh
+fi
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --release -- -D warnings
+echo "== cargo test"
+cargo test --release -- --test-threads="${BLOCKSNAP_TEST_THREADS:-4}"
