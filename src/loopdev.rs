@@ -102,7 +102,10 @@ pub fn find_by_backing(backing: &Path) -> Option<LoopDevice> {
     let want = std::fs::canonicalize(backing).ok()?;
     for e in std::fs::read_dir("/sys/block").ok()?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(n) = name.strip_prefix("loop").and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(n) = name
+            .strip_prefix("loop")
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {

@@ -134,7 +134,17 @@ pub fn take(
         path: device.to_path_buf(),
         source,
     })?;
-    if let Ok(md) = std::fs::metadata(chain_path) {
+    // The chain (or, before it exists, its directory) must not be on the
+    // device: checked before anything is created.
+    let probe = if chain_path.exists() {
+        chain_path.to_path_buf()
+    } else {
+        match chain_path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    };
+    if let Ok(md) = std::fs::metadata(&probe) {
         use std::os::unix::fs::MetadataExt;
         let on_device = match dev_identity {
             Identity::Block { rdev } => md.dev() == rdev,

@@ -12,7 +12,12 @@ use blocksnap::chain::{Access, Chain};
 use common::*;
 
 fn list(chain: &Path) -> Vec<serde_json::Value> {
-    let out = cli_ok(["chain".as_ref(), "list".as_ref(), chain.as_os_str(), "--json".as_ref()]);
+    let out = cli_ok([
+        "chain".as_ref(),
+        "list".as_ref(),
+        chain.as_os_str(),
+        "--json".as_ref(),
+    ]);
     serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap()
 }
 
@@ -73,14 +78,20 @@ fn increments_on_an_image_file_restore_bit_exact() {
     let entries = list(&chain);
     assert_eq!(entries.len(), 5);
     assert_eq!(
-        entries.iter().map(|e| e["name"].as_str().unwrap()).collect::<Vec<_>>(),
+        entries
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect::<Vec<_>>(),
         ["full", "random", "zeros", "grown", "same"]
     );
     // The zero run was recognised as zeros, not stored.
     assert!(entries[2]["zero_bytes"].as_u64().unwrap() >= 1 << 20);
     assert_eq!(entries[4]["changed_bytes"].as_u64().unwrap(), 0);
     assert!(entries[4]["stored_bytes"].as_u64().unwrap() < 64 << 10);
-    assert_eq!(entries[3]["size_bytes"].as_u64().unwrap(), (17 << 20) + 1636);
+    assert_eq!(
+        entries[3]["size_bytes"].as_u64().unwrap(),
+        (17 << 20) + 1636
+    );
     for (id, bytes) in &expect {
         assert_same(&restore_bytes(&chain, id, dir.path()), bytes, id);
     }
@@ -95,14 +106,27 @@ fn restores_are_sparse_where_the_image_is_zero() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("vol.img");
     let chain = dir.path().join("vol.chain");
-    std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     write_at(&img, 10 << 20, &random_bytes(3, 1 << 20));
     let id = take(&img, &chain, &[]);
     let target = dir.path().join("out.img");
-    cli_ok(["chain".as_ref(), "restore".as_ref(), chain.as_os_str(), id.as_ref(), target.as_os_str()]);
+    cli_ok([
+        "chain".as_ref(),
+        "restore".as_ref(),
+        chain.as_os_str(),
+        id.as_ref(),
+        target.as_os_str(),
+    ]);
     let md = std::fs::metadata(&target).unwrap();
     assert_eq!(md.len(), 64 << 20);
-    assert!(md.blocks() * 512 < 4 << 20, "restored file is not sparse: {} bytes allocated", md.blocks() * 512);
+    assert!(
+        md.blocks() * 512 < 4 << 20,
+        "restored file is not sparse: {} bytes allocated",
+        md.blocks() * 512
+    );
     assert_same(&read_all(&target), &read_all(&img), "sparse restore");
 }
 
@@ -121,7 +145,11 @@ fn loop_device_round_trip_and_block_device_targets() {
     expect.push((take(&vol.dev, &chain, &[]), read_all(&vol.dev)));
     // Writes through the block device itself.
     for _ in 0..40 {
-        write_at(&vol.dev, rng.below(8192) * 4096, &random_bytes(rng.next(), 4096));
+        write_at(
+            &vol.dev,
+            rng.below(8192) * 4096,
+            &random_bytes(rng.next(), 4096),
+        );
     }
     write_at(&vol.dev, 4 << 20, &vec![0u8; 2 << 20]);
     expect.push((take(&vol.dev, &chain, &[]), read_all(&vol.dev)));
@@ -140,24 +168,56 @@ fn loop_device_round_trip_and_block_device_targets() {
     let target = Loop::new(48 << 20);
     write_at(&target.dev, 0, &random_bytes(77, 48 << 20));
     let (last, bytes) = expect.last().unwrap();
-    cli_ok(["chain".as_ref(), "restore".as_ref(), chain.as_os_str(), last.as_ref(), target.dev.as_os_str()]);
+    cli_ok([
+        "chain".as_ref(),
+        "restore".as_ref(),
+        chain.as_os_str(),
+        last.as_ref(),
+        target.dev.as_os_str(),
+    ]);
     let got = read_all(&target.dev);
     assert_same(&got[..bytes.len()], bytes, "block device restore");
 
     // A device smaller than the image is refused with a clear message.
     let small = Loop::new(8 << 20);
-    let out = cli(["chain".as_ref(), "restore".as_ref(), chain.as_os_str(), last.as_ref(), small.dev.as_os_str()]);
+    let out = cli([
+        "chain".as_ref(),
+        "restore".as_ref(),
+        chain.as_os_str(),
+        last.as_ref(),
+        small.dev.as_os_str(),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("needs") && err.contains(&(40u64 << 20).to_string()), "{err}");
+    assert!(
+        err.contains("needs") && err.contains(&(40u64 << 20).to_string()),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // The source device itself is refused unless forced.
-    let out = cli(["chain".as_ref(), "restore".as_ref(), chain.as_os_str(), expect[0].0.as_ref(), vol.dev.as_os_str()]);
+    let out = cli([
+        "chain".as_ref(),
+        "restore".as_ref(),
+        chain.as_os_str(),
+        expect[0].0.as_ref(),
+        vol.dev.as_os_str(),
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
-    cli_ok(["chain".as_ref(), "restore".as_ref(), chain.as_os_str(), expect[0].0.as_ref(), vol.dev.as_os_str(), "--force".as_ref()]);
-    assert_same(&read_all(&vol.dev)[..32 << 20], &expect[0].1, "in-place restore");
+    cli_ok([
+        "chain".as_ref(),
+        "restore".as_ref(),
+        chain.as_os_str(),
+        expect[0].0.as_ref(),
+        vol.dev.as_os_str(),
+        "--force".as_ref(),
+    ]);
+    assert_same(
+        &read_all(&vol.dev)[..32 << 20],
+        &expect[0].1,
+        "in-place restore",
+    );
 }
 
 #[test]
@@ -175,17 +235,28 @@ fn delete_first_middle_and_last_keeps_every_other_snapshot_exact() {
         } else if i > 0 {
             scribble(&img, &mut rng, 30);
         }
-        snaps.push((take(&img, &chain, &["--name", &format!("s{i}")]), read_all(&img)));
+        snaps.push((
+            take(&img, &chain, &["--name", &format!("s{i}")]),
+            read_all(&img),
+        ));
     }
     let check = |snaps: &[(String, Vec<u8>)]| {
-        assert_eq!(ids(&chain), snaps.iter().map(|s| s.0.clone()).collect::<Vec<_>>());
+        assert_eq!(
+            ids(&chain),
+            snaps.iter().map(|s| s.0.clone()).collect::<Vec<_>>()
+        );
         for (id, bytes) in snaps {
             assert_same(&restore_bytes(&chain, id, dir.path()), bytes, id);
         }
         cli_ok(["chain".as_ref(), "verify".as_ref(), chain.as_os_str()]);
     };
     let delete = |id: &str| {
-        cli_ok(["chain".as_ref(), "delete".as_ref(), chain.as_os_str(), id.as_ref()]);
+        cli_ok([
+            "chain".as_ref(),
+            "delete".as_ref(),
+            chain.as_os_str(),
+            id.as_ref(),
+        ]);
     };
     // Middle.
     let victim = snaps.remove(3);
@@ -211,7 +282,12 @@ fn delete_first_middle_and_last_keeps_every_other_snapshot_exact() {
     snaps.push((take(&img, &chain, &[]), read_all(&img)));
     check(&snaps);
     // Unknown ids are refused.
-    let out = cli(["chain".as_ref(), "delete".as_ref(), chain.as_os_str(), victim.0.as_ref()]);
+    let out = cli([
+        "chain".as_ref(),
+        "delete".as_ref(),
+        chain.as_os_str(),
+        victim.0.as_ref(),
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no snapshot"));
 }
@@ -228,7 +304,10 @@ fn three_snapshots() -> (tempfile::TempDir, Vec<(String, Vec<u8>)>) {
         if i > 0 {
             scribble(&img, &mut rng, 20);
         }
-        snaps.push((take(&img, &chain, &["--name", &format!("s{i}")]), read_all(&img)));
+        snaps.push((
+            take(&img, &chain, &["--name", &format!("s{i}")]),
+            read_all(&img),
+        ));
     }
     (dir, snaps)
 }
@@ -270,32 +349,66 @@ fn damage_is_named_by_verify_and_contained() {
         ("header", meta_off),
         ("commit record", commit_off),
     ] {
-        let damaged = dir.path().join(format!("damaged-{}.chain", what.replace(' ', "-")));
+        let damaged = dir
+            .path()
+            .join(format!("damaged-{}.chain", what.replace(' ', "-")));
         std::fs::copy(&chain, &damaged).unwrap();
         flip(&damaged, offset);
         let out = cli(["chain".as_ref(), "verify".as_ref(), damaged.as_os_str()]);
         let text = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(3), "verify of damaged {what}: {text}");
-        assert!(text.contains(&seg), "verify does not name snapshot {seg} for damaged {what}: {text}");
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "verify of damaged {what}: {text}"
+        );
+        assert!(
+            text.contains(&seg),
+            "verify does not name snapshot {seg} for damaged {what}: {text}"
+        );
         // Restore of the damaged snapshot fails loudly.
         let target = dir.path().join(format!("t-{}", what.replace(' ', "-")));
-        let out = cli(["chain".as_ref(), "restore".as_ref(), damaged.as_os_str(), seg.as_ref(), target.as_os_str()]);
-        assert!(!out.status.success(), "restore of snapshot with damaged {what} succeeded");
+        let out = cli([
+            "chain".as_ref(),
+            "restore".as_ref(),
+            damaged.as_os_str(),
+            seg.as_ref(),
+            target.as_os_str(),
+        ]);
+        assert!(
+            !out.status.success(),
+            "restore of snapshot with damaged {what} succeeded"
+        );
         // The snapshot before it still restores exactly.
-        assert_same(&restore_bytes(&damaged, &snaps[0].0, dir.path()), &snaps[0].1, what);
+        assert_same(
+            &restore_bytes(&damaged, &snaps[0].0, dir.path()),
+            &snaps[0].1,
+            what,
+        );
         let len = std::fs::metadata(&damaged).unwrap().len();
-        let out = cli(["chain".as_ref(), "take".as_ref(), dir.path().join("vol.img").as_os_str(), damaged.as_os_str()]);
+        let out = cli([
+            "chain".as_ref(),
+            "take".as_ref(),
+            dir.path().join("vol.img").as_os_str(),
+            damaged.as_os_str(),
+        ]);
         if matches!(what, "header" | "commit record") {
             // Damage to the chain's structure is seen on open: writing is
             // refused and nothing is cut off.
-            assert!(!out.status.success(), "take on a chain with damaged {what} succeeded");
+            assert!(
+                !out.status.success(),
+                "take on a chain with damaged {what} succeeded"
+            );
             assert!(String::from_utf8_lossy(&out.stderr).contains("damaged"));
             assert_eq!(std::fs::metadata(&damaged).unwrap().len(), len);
         } else {
             // Stored data and indexes are checked by verify and restore, not
             // on every open; new snapshots can still be taken, and verify
             // still reports the old damage.
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let out = cli(["chain".as_ref(), "verify".as_ref(), damaged.as_os_str()]);
             assert_eq!(out.status.code(), Some(3));
             assert!(String::from_utf8_lossy(&out.stdout).contains(&seg));
@@ -308,7 +421,11 @@ fn damage_is_named_by_verify_and_contained() {
     let out = cli(["chain".as_ref(), "verify".as_ref(), damaged.as_os_str()]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stdout).contains("file header"));
-    assert_same(&restore_bytes(&damaged, &snaps[2].0, dir.path()), &snaps[2].1, "file header");
+    assert_same(
+        &restore_bytes(&damaged, &snaps[2].0, dir.path()),
+        &snaps[2].1,
+        "file header",
+    );
     // The undamaged chain is fine.
     cli_ok(["chain".as_ref(), "verify".as_ref(), chain.as_os_str()]);
 }
@@ -322,21 +439,34 @@ fn a_torn_tail_at_any_offset_keeps_every_earlier_snapshot() {
         c.segments().last().unwrap().info.start
     };
     let end = std::fs::metadata(&chain).unwrap().len();
-    assert!(end - last_start < 1 << 20, "last segment unexpectedly large");
-    let f = std::fs::OpenOptions::new().write(true).open(&chain).unwrap();
+    assert!(
+        end - last_start < 1 << 20,
+        "last segment unexpectedly large"
+    );
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&chain)
+        .unwrap();
     let earlier: Vec<String> = snaps[..2].iter().map(|s| s.0.clone()).collect();
     for cut in (last_start..end).rev() {
         f.set_len(cut).unwrap();
         let c = Chain::open(&chain, Access::Read).unwrap();
         let got: Vec<String> = c.snapshots().iter().map(|s| s.id.to_string()).collect();
         assert_eq!(got, earlier, "cut at {cut}");
-        assert!(c.damage().is_empty(), "cut at {cut} reported as damage: {:?}", c.damage());
+        assert!(
+            c.damage().is_empty(),
+            "cut at {cut} reported as damage: {:?}",
+            c.damage()
+        );
         assert_eq!(c.torn_tail(), cut - last_start);
     }
     drop(f);
     // Cut in the middle of the last segment: the next take cuts the tail off
     // and appends a good snapshot.
-    let f = std::fs::OpenOptions::new().write(true).open(&chain).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&chain)
+        .unwrap();
     f.set_len(last_start + (end - last_start) / 2).unwrap();
     drop(f);
     for (id, bytes) in &snaps[..2] {
@@ -344,7 +474,11 @@ fn a_torn_tail_at_any_offset_keeps_every_earlier_snapshot() {
     }
     let img = dir.path().join("vol.img");
     let id = take(&img, &chain, &[]);
-    assert_same(&restore_bytes(&chain, &id, dir.path()), &read_all(&img), "after cut");
+    assert_same(
+        &restore_bytes(&chain, &id, dir.path()),
+        &read_all(&img),
+        "after cut",
+    );
     assert_eq!(ids(&chain).len(), 3);
     cli_ok(["chain".as_ref(), "verify".as_ref(), chain.as_os_str()]);
 }
@@ -373,7 +507,10 @@ fn an_increment_of_one_percent_stores_little_more_than_the_change() {
     // Every changed block found, and nothing else.
     assert_eq!(changed_bytes, changed.len() as u64 * 4096);
     let limit = (changed_bytes as f64 * 1.02) as u64 + (64 << 10);
-    assert!(stored <= limit, "stored {stored} > {limit} for {changed_bytes} changed");
+    assert!(
+        stored <= limit,
+        "stored {stored} > {limit} for {changed_bytes} changed"
+    );
 }
 
 fn one_line_error(out: &std::process::Output) -> String {
@@ -392,17 +529,37 @@ fn bad_input_gives_one_clear_line_and_loses_nothing() {
     make_image(&img, 4 << 20, 6);
     let d = |p: &str| dir.path().join(p);
 
-    let err = one_line_error(&cli(["chain", "take", "/nonexistent/disk", d("x.chain").to_str().unwrap()]));
+    let err = one_line_error(&cli([
+        "chain",
+        "take",
+        "/nonexistent/disk",
+        d("x.chain").to_str().unwrap(),
+    ]));
     assert!(err.contains("/nonexistent/disk"), "{err}");
-    assert!(!d("x.chain").exists(), "a chain was created for a missing device");
+    assert!(
+        !d("x.chain").exists(),
+        "a chain was created for a missing device"
+    );
 
     // Not a chain: refused, and the file is left exactly as it was.
     let notchain = d("notes.txt");
     std::fs::write(&notchain, b"these are my notes, not a chain\n").unwrap();
-    let err = one_line_error(&cli(["chain".as_ref(), "take".as_ref(), img.as_os_str(), notchain.as_os_str()]));
+    let err = one_line_error(&cli([
+        "chain".as_ref(),
+        "take".as_ref(),
+        img.as_os_str(),
+        notchain.as_os_str(),
+    ]));
     assert!(err.contains("not a blocksnap chain"), "{err}");
-    assert_eq!(std::fs::read(&notchain).unwrap(), b"these are my notes, not a chain\n");
-    let err = one_line_error(&cli(["chain".as_ref(), "list".as_ref(), notchain.as_os_str()]));
+    assert_eq!(
+        std::fs::read(&notchain).unwrap(),
+        b"these are my notes, not a chain\n"
+    );
+    let err = one_line_error(&cli([
+        "chain".as_ref(),
+        "list".as_ref(),
+        notchain.as_os_str(),
+    ]));
     assert!(err.contains("not a blocksnap chain"), "{err}");
 
     let id = take(&img, &chain, &[]);
@@ -417,30 +574,76 @@ fn bad_input_gives_one_clear_line_and_loses_nothing() {
     let err = one_line_error(&cli(["chain".as_ref(), "list".as_ref(), newer.as_os_str()]));
     assert!(err.contains("newer") && err.contains("upgrade"), "{err}");
 
-    let err = one_line_error(&cli(["chain".as_ref(), "take".as_ref(), img.as_os_str(), chain.as_os_str(), "--block-size".as_ref(), "8192".as_ref()]));
+    let err = one_line_error(&cli([
+        "chain".as_ref(),
+        "take".as_ref(),
+        img.as_os_str(),
+        chain.as_os_str(),
+        "--block-size".as_ref(),
+        "8192".as_ref(),
+    ]));
     assert!(err.contains("4096"), "{err}");
-    let err = one_line_error(&cli(["chain".as_ref(), "take".as_ref(), img.as_os_str(), d("y.chain").as_os_str(), "--block-size".as_ref(), "12345".as_ref()]));
+    let err = one_line_error(&cli([
+        "chain".as_ref(),
+        "take".as_ref(),
+        img.as_os_str(),
+        d("y.chain").as_os_str(),
+        "--block-size".as_ref(),
+        "12345".as_ref(),
+    ]));
     assert!(err.contains("power of two"), "{err}");
 
-    let err = one_line_error(&cli(["chain".as_ref(), "restore".as_ref(), chain.as_os_str(), "0b1d0a2c-0000-4000-8000-000000000000".as_ref(), d("o").as_os_str()]));
+    let err = one_line_error(&cli([
+        "chain".as_ref(),
+        "restore".as_ref(),
+        chain.as_os_str(),
+        "0b1d0a2c-0000-4000-8000-000000000000".as_ref(),
+        d("o").as_os_str(),
+    ]));
     assert!(err.contains("no snapshot"), "{err}");
 
     // Restoring over the source or over the chain itself.
-    let err = one_line_error(&cli(["chain".as_ref(), "restore".as_ref(), chain.as_os_str(), id.as_ref(), img.as_os_str()]));
+    let err = one_line_error(&cli([
+        "chain".as_ref(),
+        "restore".as_ref(),
+        chain.as_os_str(),
+        id.as_ref(),
+        img.as_os_str(),
+    ]));
     assert!(err.contains("--force"), "{err}");
-    let err = one_line_error(&cli(["chain".as_ref(), "restore".as_ref(), chain.as_os_str(), id.as_ref(), chain.as_os_str()]));
+    let err = one_line_error(&cli([
+        "chain".as_ref(),
+        "restore".as_ref(),
+        chain.as_os_str(),
+        id.as_ref(),
+        chain.as_os_str(),
+    ]));
     assert!(err.contains("chain file itself"), "{err}");
-    let err = one_line_error(&cli(["chain".as_ref(), "take".as_ref(), chain.as_os_str(), chain.as_os_str()]));
+    let err = one_line_error(&cli([
+        "chain".as_ref(),
+        "take".as_ref(),
+        chain.as_os_str(),
+        chain.as_os_str(),
+    ]));
     assert!(err.contains("itself"), "{err}");
 
     // A device that shrank needs --full.
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     f.set_len(2 << 20).unwrap();
     drop(f);
-    let err = one_line_error(&cli(["chain".as_ref(), "take".as_ref(), img.as_os_str(), chain.as_os_str()]));
+    let err = one_line_error(&cli([
+        "chain".as_ref(),
+        "take".as_ref(),
+        img.as_os_str(),
+        chain.as_os_str(),
+    ]));
     assert!(err.contains("shrank") && err.contains("--full"), "{err}");
     let id2 = take(&img, &chain, &["--full"]);
-    assert_same(&restore_bytes(&chain, &id2, dir.path()), &read_all(&img), "full after shrink");
+    assert_same(
+        &restore_bytes(&chain, &id2, dir.path()),
+        &read_all(&img),
+        "full after shrink",
+    );
     // The snapshot from before the shrink is intact.
     assert_eq!(restore_bytes(&chain, &id, dir.path()).len(), 4 << 20);
     cli_ok(["chain".as_ref(), "verify".as_ref(), chain.as_os_str()]);

@@ -262,9 +262,11 @@ fn write_image(
                         p.store(zero_bytes + written, Ordering::Relaxed);
                     }
                 }
-                if empty_tx.send(batch.buf).is_err() {
-                    break;
-                }
+                #[cfg(test)]
+                test_hooks::slow_writer();
+                // The reader may be done and gone; every queued batch must
+                // still be written, so a failed hand-back is not a reason to stop.
+                let _ = empty_tx.send(batch.buf);
             }
             Ok(())
         });
@@ -455,4 +457,53 @@ pub fn is_block_device(path: &Path) -> bool {
     std::fs::metadata(path)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod test_hooks {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    /// Milliseconds the writer sleeps after each batch (tests only).
+    pub static WRITER_DELAY_MS: AtomicU64 = AtomicU64::new(0);
+    pub fn slow_writer() {
+        let ms = WRITER_DELAY_MS.load(Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::take::{take, TakeOptions};
+
+    /// A writer slower than the reader: the reader finishes first and drops
+    /// its end of the buffer channel; the last batches must still be written.
+    #[test]
+    fn a_slow_writer_still_writes_every_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        let data: Vec<u8> = (0..(40u64 << 20) / 8)
+            .flat_map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).to_le_bytes())
+            .collect();
+        std::fs::write(&img, &data).unwrap();
+        let chain_path = dir.path().join("c");
+        let out = take(
+            std::sync::Arc::new(crate::quiesce::Host),
+            &img,
+            &chain_path,
+            &TakeOptions::default(),
+        )
+        .unwrap();
+        test_hooks::WRITER_DELAY_MS.store(50, std::sync::atomic::Ordering::Relaxed);
+        let chain = Chain::open(&chain_path, super::super::Access::Read).unwrap();
+        let target = dir.path().join("out");
+        let r = restore(&chain, out.snapshot.id, &target, &RestoreOptions::default());
+        test_hooks::WRITER_DELAY_MS.store(0, std::sync::atomic::Ordering::Relaxed);
+        r.unwrap();
+        assert!(
+            std::fs::read(&target).unwrap() == data,
+            "restored image differs"
+        );
+    }
 }

@@ -165,11 +165,20 @@ pub fn mkfs(fs: &str, dev: &Path) {
             .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
             .arg(dev)
             .output(),
-        "xfs" => Command::new("mkfs.xfs").args(["-q", "-f"]).arg(dev).output(),
+        "xfs" => Command::new("mkfs.xfs")
+            .args(["-q", "-f"])
+            .arg(dev)
+            .output(),
         other => panic!("no mkfs for {other}"),
     }
-    .unwrap_or_else(|e| panic!("mkfs.{fs} not runnable ({e}); .ci/run installs e2fsprogs and xfsprogs"));
-    assert!(out.status.success(), "mkfs.{fs} failed: {}", String::from_utf8_lossy(&out.stderr));
+    .unwrap_or_else(|e| {
+        panic!("mkfs.{fs} not runnable ({e}); .ci/run installs e2fsprogs and xfsprogs")
+    });
+    assert!(
+        out.status.success(),
+        "mkfs.{fs} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A filesystem mounted on a temporary directory; thawed and unmounted on drop.
@@ -189,7 +198,11 @@ impl Mounted {
             cmd.arg("-o").arg(options);
         }
         let out = cmd.arg(dev).arg(&dir).output().unwrap();
-        assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Mounted { dir, _tmp: tmp }
     }
 }
@@ -256,7 +269,8 @@ pub fn last_line(s: &str) -> String {
 
 /// A chain take through the CLI; returns the id.
 pub fn take(device: &Path, chain: &Path, extra: &[&str]) -> String {
-    let mut args: Vec<std::ffi::OsString> = vec!["chain".into(), "take".into(), device.into(), chain.into()];
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["chain".into(), "take".into(), device.into(), chain.into()];
     args.extend(extra.iter().map(|s| s.into()));
     let out = cli_ok(&args);
     let id = last_line(&out);
@@ -268,7 +282,13 @@ pub fn take(device: &Path, chain: &Path, extra: &[&str]) -> String {
 pub fn restore_bytes(chain: &Path, id: &str, dir: &Path) -> Vec<u8> {
     let target = dir.join(format!("restore-{id}.img"));
     let _ = std::fs::remove_file(&target);
-    cli_ok(["chain".as_ref(), "restore".as_ref(), chain.as_os_str(), id.as_ref(), target.as_os_str()]);
+    cli_ok([
+        "chain".as_ref(),
+        "restore".as_ref(),
+        chain.as_os_str(),
+        id.as_ref(),
+        target.as_os_str(),
+    ]);
     let b = read_all(&target);
     std::fs::remove_file(&target).unwrap();
     b
