@@ -150,6 +150,52 @@ impl Source {
         })
     }
 
+    /// Open a block device or file for reading and writing (a revert), with
+    /// `O_EXCL` on a block device so it cannot be mounted meanwhile.
+    pub fn open_rw(path: &Path) -> Result<Source, DeviceError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
+            .open(path)
+            .map_err(|source| {
+                if source.raw_os_error() == Some(libc::EBUSY) {
+                    DeviceError::Busy {
+                        path: path.to_path_buf(),
+                    }
+                } else {
+                    DeviceError::Open {
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                }
+            })?;
+        let md = file.metadata().map_err(|source| DeviceError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let identity = Identity::of_metadata(&md);
+        if !identity.is_block() && !md.file_type().is_file() {
+            return Err(DeviceError::NotADevice {
+                path: path.to_path_buf(),
+            });
+        }
+        let size = if identity.is_block() {
+            sys::block_device_size(file.as_fd()).map_err(|source| DeviceError::Size {
+                path: path.to_path_buf(),
+                source,
+            })?
+        } else {
+            md.len()
+        };
+        Ok(Source {
+            path: path.to_path_buf(),
+            file,
+            size,
+            identity,
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -59,6 +59,30 @@ impl ZeroPrints {
     }
 }
 
+/// Fingerprint each block of `data` into `out`, on `threads` threads.
+pub fn hash_blocks(data: &[u8], bs: usize, seed: u64, out: &mut [u64], threads: usize) {
+    let hash = |data: &[u8], out: &mut [u64]| {
+        for (o, block) in out.iter_mut().zip(data.chunks(bs)) {
+            *o = fingerprint(block, seed);
+        }
+    };
+    if threads <= 1 || out.len() < 64 {
+        hash(data, out);
+        return;
+    }
+    let per = out.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let mut parts = out.chunks_mut(per).zip(data.chunks(per * bs));
+        let first = parts.next();
+        for (o, d) in parts {
+            s.spawn(move || hash(d, o));
+        }
+        if let Some((o, d)) = first {
+            hash(d, o);
+        }
+    });
+}
+
 const MAP_MAGIC: &[u8; 8] = b"BSNPFPM1";
 const MAP_HEADER: usize = 8 + 16 + 16 + 8 + 4 + 4 + 8 + 8;
 

@@ -10,11 +10,15 @@
 //! - [`take`]: a whole snapshot, from quiesce to commit.
 
 pub mod chain;
+pub mod client;
+pub mod config;
+pub mod daemon;
 pub mod device;
 pub mod fault;
 pub mod fingerprint;
 pub mod loopdev;
 pub mod quiesce;
+pub mod revert;
 pub mod sigbus;
 pub mod sys;
 pub mod take;

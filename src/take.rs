@@ -217,7 +217,12 @@ pub fn take(
     };
     let mut writer = SegmentWriter::begin(&mut chain, plan)?;
 
-    let cancel = opts.cancel.clone().unwrap_or_default();
+    // The freeze watchdog sets our own flag; the caller's (daemon shutdown)
+    // is only read.
+    let cancel = Cancel {
+        own: Arc::new(AtomicBool::new(false)),
+        outer: opts.cancel.clone(),
+    };
     let mut qopts = opts.quiesce.clone();
     qopts.keep_off.push(chain_path.to_path_buf());
     qopts.keep_off.push(side.clone());
@@ -226,7 +231,7 @@ pub fn take(
     }
     // Declared after the writer so that on any error it is dropped (thawed
     // or remounted) first, before the abandoned segment is cut off.
-    let held = quiesce::quiesce(sys, device, &qopts, cancel.clone())?;
+    let held = quiesce::quiesce(sys, device, &qopts, cancel.own.clone())?;
     crate::fault::point("after-freeze");
     let quiesce_desc = held.description().to_string();
 
@@ -267,7 +272,7 @@ pub fn take(
     })();
     let finished = held.finish();
     let (result, size) = match (scanned, finished) {
-        (Ok(r), Ok(_)) if cancel.load(Ordering::SeqCst) => {
+        (Ok(r), Ok(_)) if cancel.is_set() => {
             drop(r);
             return Err(TakeError::Cancelled);
         }
@@ -332,6 +337,24 @@ pub const fn default_block_size() -> u32 {
     DEFAULT_BLOCK_SIZE
 }
 
+/// Why a scan should stop early: the freeze watchdog fired (own) or the
+/// caller is shutting down (outer).
+#[derive(Debug)]
+struct Cancel {
+    own: Arc<AtomicBool>,
+    outer: Option<Arc<AtomicBool>>,
+}
+
+impl Cancel {
+    fn is_set(&self) -> bool {
+        self.own.load(Ordering::Relaxed)
+            || self
+                .outer
+                .as_ref()
+                .is_some_and(|o| o.load(Ordering::Relaxed))
+    }
+}
+
 #[derive(Debug, Default)]
 struct ScanResult {
     prints: Vec<u64>,
@@ -385,7 +408,7 @@ fn scan(
     seed: u64,
     bs: u64,
     writer: &mut SegmentWriter<'_>,
-    cancel: &AtomicBool,
+    cancel: &Cancel,
     progress: Option<&Progress>,
     tuning: &Tuning,
 ) -> Result<ScanResult, TakeError> {
@@ -411,7 +434,7 @@ fn scan(
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<u64, DeviceError>>(1);
         s.spawn(move || {
             for w in 0..nwin {
-                if cancel.load(Ordering::Relaxed) {
+                if cancel.is_set() {
                     break;
                 }
                 let off = w * window;
@@ -426,13 +449,13 @@ fn scan(
         let mut done_windows = 0;
         for msg in rx.iter() {
             let off = msg?;
-            if cancel.load(Ordering::Relaxed) {
+            if cancel.is_set() {
                 return Err(TakeError::Cancelled);
             }
             let len = window.min(size - off);
             let b0 = off / bs;
             let b1 = (off + len).div_ceil(bs);
-            hash_blocks(
+            crate::fingerprint::hash_blocks(
                 map.bytes(off, len as usize),
                 bs as usize,
                 seed,
@@ -490,28 +513,4 @@ fn scan(
         freeze: Duration::ZERO,
         scan: started.elapsed(),
     })
-}
-
-/// Fingerprint each block of `data` into `out`, on `threads` threads.
-fn hash_blocks(data: &[u8], bs: usize, seed: u64, out: &mut [u64], threads: usize) {
-    let hash = |data: &[u8], out: &mut [u64]| {
-        for (o, block) in out.iter_mut().zip(data.chunks(bs)) {
-            *o = fingerprint(block, seed);
-        }
-    };
-    if threads <= 1 || out.len() < 64 {
-        hash(data, out);
-        return;
-    }
-    let per = out.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let mut parts = out.chunks_mut(per).zip(data.chunks(per * bs));
-        let first = parts.next();
-        for (o, d) in parts {
-            s.spawn(move || hash(d, o));
-        }
-        if let Some((o, d)) = first {
-            hash(d, o);
-        }
-    });
 }

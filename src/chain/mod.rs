@@ -222,6 +222,8 @@ pub struct Chain {
     torn_tail: u64,
     damage: Vec<Damage>,
     snapshots: Vec<Snapshot>,
+    /// The exclusive lock of a writer.
+    _lock: Option<nix::fcntl::Flock<File>>,
 }
 
 impl Chain {
@@ -236,10 +238,11 @@ impl Chain {
                 path: path.to_path_buf(),
                 source,
             })?;
-        if access == Access::Write {
-            lock(&file, path)?;
-        }
-        Chain::load(path, file, access)
+        let guard = match access {
+            Access::Write => Some(lock(&file, path)?),
+            Access::Read => None,
+        };
+        Chain::load(path, file, access, guard)
     }
 
     /// Open the chain at `path` for writing, creating it if it does not exist
@@ -264,7 +267,7 @@ impl Chain {
             .open(path)
         {
             Ok(file) => {
-                lock(&file, path)?;
+                let guard = lock(&file, path)?;
                 let header = FileHeader {
                     version: VERSION,
                     chain_id: Uuid::new_v4(),
@@ -279,7 +282,7 @@ impl Chain {
                 sys::pwrite_full(file.as_fd(), &header.encode(), 0).map_err(write_err)?;
                 file.sync_all().map_err(write_err)?;
                 crate::util::sync_parent(path).map_err(write_err)?;
-                Chain::load(path, file, Access::Write)
+                Chain::load(path, file, Access::Write, Some(guard))
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let chain = Chain::open(path, Access::Write)?;
@@ -304,7 +307,12 @@ impl Chain {
         }
     }
 
-    fn load(path: &Path, file: File, access: Access) -> Result<Chain, ChainError> {
+    fn load(
+        path: &Path,
+        file: File,
+        access: Access,
+        guard: Option<nix::fcntl::Flock<File>>,
+    ) -> Result<Chain, ChainError> {
         let file_len = file
             .metadata()
             .map_err(|source| ChainError::Open {
@@ -365,6 +373,7 @@ impl Chain {
             torn_tail: 0,
             damage,
             snapshots: Vec::new(),
+            _lock: guard,
         };
         chain.walk(file_len)?;
         if access == Access::Write {
@@ -953,19 +962,15 @@ enum At {
     Damaged,
 }
 
-fn lock(file: &File, path: &Path) -> Result<(), ChainError> {
+/// Take the chain's exclusive lock; held until the returned guard drops.
+fn lock(file: &File, path: &Path) -> Result<nix::fcntl::Flock<File>, ChainError> {
     use nix::fcntl::{Flock, FlockArg};
-    // The lock lives as long as the open file description; keep the file and
-    // forget the guard (it would unlock on drop, but closing the file does too).
     let dup = file.try_clone().map_err(|source| ChainError::Open {
         path: path.to_path_buf(),
         source,
     })?;
     match Flock::lock(dup, FlockArg::LockExclusiveNonblock) {
-        Ok(guard) => {
-            std::mem::forget(guard);
-            Ok(())
-        }
+        Ok(guard) => Ok(guard),
         Err((_, nix::Error::EWOULDBLOCK)) => Err(ChainError::Busy {
             path: path.to_path_buf(),
         }),

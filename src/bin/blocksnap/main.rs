@@ -3,6 +3,7 @@
 //! commands talk to a running `blocksnapd`.
 
 mod chain_cmd;
+mod client_cmd;
 mod thaw_cmd;
 
 use std::process::ExitCode;
@@ -34,6 +35,20 @@ enum Command {
     Chain(chain_cmd::ChainCommand),
     /// Thaw filesystems left frozen by a blocksnap process that died
     Thaw(thaw_cmd::ThawArgs),
+    /// Snapshots through blocksnapd (create, list, show, delete)
+    Snapshot {
+        #[command(subcommand)]
+        command: client_cmd::SnapshotCommand,
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
+    },
+    /// Volumes through blocksnapd (list, show, create from a snapshot, delete, revert)
+    Volume {
+        #[command(subcommand)]
+        command: client_cmd::VolumeCommand,
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
+    },
 }
 
 fn init_logging() {
@@ -69,6 +84,8 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Chain(c) => chain_cmd::run(c),
         Command::Thaw(a) => thaw_cmd::run(a),
+        Command::Snapshot { command, client } => client_cmd::snapshot(command, client),
+        Command::Volume { command, client } => client_cmd::volume(command, client),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

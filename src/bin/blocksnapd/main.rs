@@ -1,5 +1,109 @@
-//! `blocksnapd`: the snapshot daemon (see the daemon issue; placeholder until it lands).
-fn main() {
-    eprintln!("blocksnapd: not built yet");
-    std::process::exit(1);
+//! `blocksnapd`: serves the Block Storage v1 snapshot API on a Unix socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use blocksnap::config::{Config, DEFAULT_CONFIG};
+use blocksnap::daemon::{server, Daemon};
+use blocksnap::util::error_chain;
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "blocksnapd",
+    version,
+    about = "Block device snapshot daemon (Block Storage v1 API on a Unix socket)"
+)]
+struct Args {
+    /// Configuration file
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Validate the configuration and exit
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// Logs go to the journal when systemd runs us, otherwise to stderr.
+fn init_logging(level: Option<&str>) {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLOCKSNAP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.unwrap_or("info")));
+    let under_systemd =
+        std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some();
+    if under_systemd {
+        if let Ok(journald) = tracing_journald::layer() {
+            let _ = tracing_subscriber::registry()
+                .with(filter)
+                .with(journald)
+                .try_init();
+            return;
+        }
+    }
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("blocksnapd: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.check_config {
+        println!(
+            "{}: ok ({} volume(s), {} token(s), socket {}, state in {})",
+            args.config.display(),
+            config.volumes.len(),
+            config.tokens.len(),
+            config.socket.display(),
+            config.state_dir.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    init_logging(config.log_level.as_deref());
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        let d = Daemon::start(config, Arc::new(blocksnap::quiesce::Host))?;
+        let l = server::listen(&d)?;
+        tracing::info!(
+            socket = %l.path.display(),
+            volumes = d.config.volumes.len(),
+            state_dir = %d.config.state_dir.display(),
+            "blocksnapd starting"
+        );
+        server::run(d, l)
+            .await
+            .map_err(|e| blocksnap::daemon::StartError::Socket {
+                path: PathBuf::from("signal handler"),
+                source: e,
+            })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = error_chain(&e);
+            tracing::error!("{msg}");
+            eprintln!("blocksnapd: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,503 @@
+//! `blocksnap snapshot ...` and `blocksnap volume ...`: clients of blocksnapd.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use blocksnap::client::{Client, ClientError, TokenFile};
+use clap::{Args, Subcommand};
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::Failure;
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The daemon's socket [default: /run/blocksnap/blocksnap.sock]
+    #[arg(long, env = "BLOCKSNAP_SOCKET", global = true)]
+    socket: Option<PathBuf>,
+    /// API token (X-Auth-Token)
+    #[arg(long, env = "BLOCKSNAP_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Tenant (account) id the token belongs to
+    #[arg(long, env = "BLOCKSNAP_TENANT", global = true)]
+    tenant: Option<String>,
+    /// File with `tenant = "..."`, `token = "..."` and optionally `socket = "..."`
+    #[arg(
+        long,
+        env = "BLOCKSNAP_TOKEN_FILE",
+        default_value = "/etc/blocksnap/client.toml",
+        global = true
+    )]
+    token_file: PathBuf,
+    /// Print JSON instead of tables
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Snapshot a volume (by id or display name)
+    Create {
+        volume: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Take it even if the volume is mounted and its quiesce mode is none (crash-consistent)
+        #[arg(long)]
+        force: bool,
+        /// Metadata KEY=VALUE (repeatable)
+        #[arg(long = "meta", value_parser = crate::chain_cmd::parse_kv)]
+        meta: Vec<(String, String)>,
+        /// Wait until it is available (progress bar on a terminal)
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List snapshots
+    List {
+        /// Only those of this volume
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Show one snapshot
+    Show { id: String },
+    /// Delete a snapshot
+    Delete {
+        id: String,
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// List volumes
+    List,
+    /// Show one volume
+    Show { volume: String },
+    /// Create a volume from a snapshot (a loop device over an image in the state directory)
+    Create {
+        #[arg(long)]
+        snapshot: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Size in GB (at least the snapshot's)
+        #[arg(long)]
+        size: Option<u64>,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Delete a volume made from a snapshot
+    Delete {
+        volume: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Write a snapshot back onto its (unmounted) volume, only the blocks that differ
+    Revert {
+        volume: String,
+        #[arg(long)]
+        snapshot: String,
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+fn client(a: &ClientArgs) -> Result<Client, Failure> {
+    let file = TokenFile::load(&a.token_file).map_err(|m| Failure {
+        code: crate::EXIT_FAILED,
+        message: m,
+    })?;
+    let socket = a
+        .socket
+        .clone()
+        .or(file.socket)
+        .unwrap_or_else(|| PathBuf::from(blocksnap::config::DEFAULT_SOCKET));
+    let token = a.token.clone().or(file.token).ok_or_else(|| Failure {
+        code: crate::EXIT_FAILED,
+        message: format!(
+            "no API token: pass --token, set BLOCKSNAP_TOKEN, or put token = \"...\" in {}",
+            a.token_file.display()
+        ),
+    })?;
+    let tenant = a.tenant.clone().or(file.tenant).ok_or_else(|| Failure {
+        code: crate::EXIT_FAILED,
+        message: format!(
+            "no tenant: pass --tenant, set BLOCKSNAP_TENANT, or put tenant = \"...\" in {}",
+            a.token_file.display()
+        ),
+    })?;
+    Ok(Client {
+        socket,
+        tenant,
+        token,
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match &v[k] {
+        Value::String(x) => x.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+async fn resolve_volume(c: &Client, v: &str) -> Result<String, ClientError> {
+    if uuid::Uuid::parse_str(v).is_ok() {
+        return Ok(v.to_string());
+    }
+    let (_, list) = c.call(Method::GET, "/volumes", None).await?;
+    let hits: Vec<String> = list["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|x| x["display_name"] == v)
+        .map(|x| s(x, "id"))
+        .collect();
+    match hits.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(ClientError::Api {
+            status: 404,
+            message: format!("no volume is named {v:?}"),
+        }),
+        _ => Err(ClientError::Api {
+            status: 400,
+            message: format!("{} volumes are named {v:?}; use the id", hits.len()),
+        }),
+    }
+}
+
+fn bar(what: &str) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new(10000);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {percent}% {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    Some(pb)
+}
+
+fn percent(p: &Value) -> f64 {
+    p.as_str()
+        .and_then(|x| x.trim_end_matches('%').parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+/// Poll `path` until its `key` object's status is no longer one of `busy`.
+async fn wait(
+    c: &Client,
+    path: &str,
+    key: &str,
+    busy: &[&str],
+    what: &str,
+) -> Result<Value, ClientError> {
+    let pb = bar(what);
+    loop {
+        let r = c.call(Method::GET, path, None).await;
+        let v = match r {
+            Ok((_, v)) => v[key].clone(),
+            // A delete is done when the item is gone.
+            Err(ClientError::Api { status: 404, .. }) if busy.contains(&"deleting") => {
+                if let Some(pb) = pb {
+                    pb.finish_and_clear();
+                }
+                return Ok(Value::Null);
+            }
+            Err(e) => return Err(e),
+        };
+        let status = s(&v, "status");
+        if let Some(pb) = &pb {
+            let p = percent(&v["os-extended-snapshot-attributes:progress"])
+                .max(percent(&v["blocksnap:progress"]));
+            pb.set_position((p * 100.0) as u64);
+        }
+        if !busy.contains(&status.as_str()) {
+            if let Some(pb) = pb {
+                pb.finish_and_clear();
+            }
+            return Ok(v);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn failed_status(v: &Value, what: &str) -> Result<(), Failure> {
+    let st = s(v, "status");
+    if st.starts_with("error") {
+        let why = v["blocksnap:error"]
+            .as_str()
+            .unwrap_or("see the daemon's log");
+        return Err(Failure {
+            code: crate::EXIT_FAILED,
+            message: format!("{what} ended with status {st}: {why}"),
+        });
+    }
+    Ok(())
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+}
+
+fn snapshot_table(list: &[Value]) {
+    println!(
+        "{:<36}  {:<36}  {:<14}  {:<20}  {:>5}  {:<26}",
+        "ID", "VOLUME", "STATUS", "NAME", "GB", "CREATED"
+    );
+    for x in list {
+        println!(
+            "{:<36}  {:<36}  {:<14}  {:<20}  {:>5}  {:<26}",
+            s(x, "id"),
+            s(x, "volume_id"),
+            s(x, "status"),
+            s(x, "display_name"),
+            s(x, "size"),
+            s(x, "created_at")
+        );
+    }
+}
+
+fn volume_table(list: &[Value]) {
+    println!(
+        "{:<36}  {:<10}  {:>5}  {:<20}  {:<14}",
+        "ID", "STATUS", "GB", "NAME", "DEVICE"
+    );
+    for x in list {
+        println!(
+            "{:<36}  {:<10}  {:>5}  {:<20}  {:<14}",
+            s(x, "id"),
+            s(x, "status"),
+            s(x, "size"),
+            s(x, "display_name"),
+            x["metadata"]["blocksnap:device"].as_str().unwrap_or("")
+        );
+    }
+}
+
+fn details(v: &Value) {
+    if let Some(m) = v.as_object() {
+        for (k, val) in m {
+            println!(
+                "{k:<44} {}",
+                match val {
+                    Value::String(x) => x.clone(),
+                    other => other.to_string(),
+                }
+            );
+        }
+    }
+}
+
+pub fn snapshot(cmd: SnapshotCommand, a: ClientArgs) -> Result<(), Failure> {
+    let c = client(&a)?;
+    runtime().block_on(async {
+        match cmd {
+            SnapshotCommand::Create {
+                volume,
+                name,
+                description,
+                force,
+                meta,
+                wait: w,
+            } => {
+                let vid = resolve_volume(&c, &volume).await?;
+                let meta: serde_json::Map<String, Value> =
+                    meta.into_iter().map(|(k, v)| (k, json!(v))).collect();
+                let body = json!({"snapshot": {
+                    "volume_id": vid,
+                    "force": force,
+                    "display_name": name.unwrap_or_default(),
+                    "display_description": description.unwrap_or_default(),
+                    "metadata": meta,
+                }});
+                let (_, v) = c.call(Method::POST, "/snapshots", Some(body)).await?;
+                let mut snap = v["snapshot"].clone();
+                let id = s(&snap, "id");
+                if w {
+                    snap = wait(
+                        &c,
+                        &format!("/snapshots/{id}"),
+                        "snapshot",
+                        &["creating"],
+                        "snapshot",
+                    )
+                    .await?;
+                    if a.json {
+                        print_json(&snap);
+                    }
+                    failed_status(&snap, &format!("snapshot {id}"))?;
+                } else if a.json {
+                    print_json(&snap);
+                }
+                if !a.json {
+                    eprintln!("snapshot {id}: {}", s(&snap, "status"));
+                    println!("{id}");
+                }
+                Ok(())
+            }
+            SnapshotCommand::List { volume } => {
+                let path = match volume {
+                    Some(v) => format!(
+                        "/snapshots/detail?volume_id={}",
+                        resolve_volume(&c, &v).await?
+                    ),
+                    None => "/snapshots/detail".to_string(),
+                };
+                let (_, v) = c.call(Method::GET, &path, None).await?;
+                if a.json {
+                    print_json(&v["snapshots"]);
+                } else {
+                    snapshot_table(
+                        v["snapshots"]
+                            .as_array()
+                            .map(|x| x.as_slice())
+                            .unwrap_or(&[]),
+                    );
+                }
+                Ok(())
+            }
+            SnapshotCommand::Show { id } => {
+                let (_, v) = c
+                    .call(Method::GET, &format!("/snapshots/{id}"), None)
+                    .await?;
+                if a.json {
+                    print_json(&v["snapshot"]);
+                } else {
+                    details(&v["snapshot"]);
+                }
+                Ok(())
+            }
+            SnapshotCommand::Delete { id, wait: w } => {
+                c.call(Method::DELETE, &format!("/snapshots/{id}"), None)
+                    .await?;
+                if w {
+                    let v = wait(
+                        &c,
+                        &format!("/snapshots/{id}"),
+                        "snapshot",
+                        &["deleting"],
+                        "delete",
+                    )
+                    .await?;
+                    if !v.is_null() {
+                        failed_status(&v, &format!("delete of snapshot {id}"))?;
+                    }
+                }
+                eprintln!("snapshot {id}: {}", if w { "deleted" } else { "deleting" });
+                Ok(())
+            }
+        }
+    })
+}
+
+pub fn volume(cmd: VolumeCommand, a: ClientArgs) -> Result<(), Failure> {
+    let c = client(&a)?;
+    runtime().block_on(async {
+        match cmd {
+            VolumeCommand::List => {
+                let (_, v) = c.call(Method::GET, "/volumes/detail", None).await?;
+                if a.json {
+                    print_json(&v["volumes"]);
+                } else {
+                    volume_table(v["volumes"].as_array().map(|x| x.as_slice()).unwrap_or(&[]));
+                }
+                Ok(())
+            }
+            VolumeCommand::Show { volume } => {
+                let id = resolve_volume(&c, &volume).await?;
+                let (_, v) = c.call(Method::GET, &format!("/volumes/{id}"), None).await?;
+                if a.json {
+                    print_json(&v["volume"]);
+                } else {
+                    details(&v["volume"]);
+                }
+                Ok(())
+            }
+            VolumeCommand::Create {
+                snapshot,
+                name,
+                size,
+                wait: w,
+            } => {
+                let mut body = json!({"volume": {"snapshot_id": snapshot, "display_name": name.unwrap_or_default()}});
+                if let Some(sz) = size {
+                    body["volume"]["size"] = json!(sz);
+                }
+                let (_, v) = c.call(Method::POST, "/volumes", Some(body)).await?;
+                let mut vol = v["volume"].clone();
+                let id = s(&vol, "id");
+                if w {
+                    vol = wait(&c, &format!("/volumes/{id}"), "volume", &["creating"], "volume").await?;
+                    failed_status(&vol, &format!("volume {id}"))?;
+                }
+                if a.json {
+                    print_json(&vol);
+                } else {
+                    eprintln!(
+                        "volume {id}: {}{}",
+                        s(&vol, "status"),
+                        vol["metadata"]["blocksnap:device"]
+                            .as_str()
+                            .map(|d| format!(" on {d}"))
+                            .unwrap_or_default()
+                    );
+                    println!("{id}");
+                }
+                Ok(())
+            }
+            VolumeCommand::Delete { volume, wait: w } => {
+                let id = resolve_volume(&c, &volume).await?;
+                c.call(Method::DELETE, &format!("/volumes/{id}"), None).await?;
+                if w {
+                    let v = wait(&c, &format!("/volumes/{id}"), "volume", &["deleting"], "delete").await?;
+                    if !v.is_null() {
+                        failed_status(&v, &format!("delete of volume {id}"))?;
+                    }
+                }
+                eprintln!("volume {id}: {}", if w { "deleted" } else { "deleting" });
+                Ok(())
+            }
+            VolumeCommand::Revert {
+                volume,
+                snapshot,
+                wait: w,
+            } => {
+                let id = resolve_volume(&c, &volume).await?;
+                c.call(
+                    Method::POST,
+                    &format!("/volumes/{id}/action"),
+                    Some(json!({"revert": {"snapshot_id": snapshot}})),
+                )
+                .await?;
+                if w {
+                    let v = wait(&c, &format!("/volumes/{id}"), "volume", &["reverting"], "revert").await?;
+                    if let Some(e) = v["blocksnap:error"].as_str() {
+                        return Err(Failure {
+                            code: crate::EXIT_FAILED,
+                            message: format!("revert of volume {id} failed: {e}"),
+                        });
+                    }
+                    eprintln!(
+                        "volume {id} reverted to snapshot {snapshot}: {} block(s) written",
+                        v["metadata"]["blocksnap:reverted_blocks"].as_str().unwrap_or("?")
+                    );
+                } else {
+                    eprintln!("volume {id}: reverting to snapshot {snapshot}");
+                }
+                Ok(())
+            }
+        }
+    })
+}

@@ -1,0 +1,635 @@
+//! The daemon's configuration file (TOML). Every mistake is reported once,
+//! with the file, the line and what to change.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use uuid::Uuid;
+
+use crate::quiesce::Mode;
+
+pub const DEFAULT_CONFIG: &str = "/etc/blocksnap/blocksnap.toml";
+pub const DEFAULT_SOCKET: &str = "/run/blocksnap/blocksnap.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/blocksnap";
+
+/// A configuration mistake, located.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {message}")]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub message: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: Option<Spanned<RawDaemon>>,
+    #[serde(default)]
+    tokens: Vec<Spanned<RawToken>>,
+    #[serde(default)]
+    volumes: Vec<Spanned<RawVolume>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    socket: Option<Spanned<PathBuf>>,
+    state_dir: Option<Spanned<PathBuf>>,
+    socket_mode: Option<Spanned<String>>,
+    socket_group: Option<Spanned<String>>,
+    allowed_uids: Option<Vec<u32>>,
+    max_connections: Option<Spanned<usize>>,
+    request_timeout_seconds: Option<Spanned<f64>>,
+    log_level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    tenant: Spanned<String>,
+    token: Option<Spanned<String>>,
+    token_sha256: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    id: Spanned<String>,
+    device: Spanned<PathBuf>,
+    display_name: Option<String>,
+    display_description: Option<String>,
+    quiesce: Option<Mode>,
+    block_size: Option<Spanned<u32>>,
+    max_freeze_seconds: Option<Spanned<f64>>,
+    tenant: Option<Spanned<String>>,
+}
+
+/// An API token: the SHA-256 of the secret, and the tenant it belongs to.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token {
+    pub tenant: String,
+    pub sha256: [u8; 32],
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print secrets, not even their hashes.
+        f.debug_struct("Token")
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
+/// A configured volume.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Volume {
+    pub id: Uuid,
+    pub device: PathBuf,
+    pub display_name: String,
+    pub display_description: String,
+    pub quiesce: Mode,
+    pub block_size: Option<u32>,
+    pub max_freeze: Duration,
+    /// `None`: every tenant sees it.
+    pub tenant: Option<String>,
+}
+
+/// The whole, validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub socket_mode: u32,
+    pub socket_group: Option<(String, u32)>,
+    pub allowed_uids: Option<Vec<u32>>,
+    pub max_connections: usize,
+    pub request_timeout: Duration,
+    pub log_level: Option<String>,
+    pub tokens: Vec<Token>,
+    pub volumes: Vec<Volume>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// A tenant id as it may appear in a URL.
+pub fn valid_tenant(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 64
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && t != "."
+        && t != ".."
+}
+
+/// SHA-256 of a token.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// The filesystem device (st_dev) of `path` or, if it does not exist yet,
+/// of its nearest existing ancestor.
+fn fs_of(path: &Path) -> Option<u64> {
+    let mut p = path.to_path_buf();
+    loop {
+        if let Ok(md) = std::fs::metadata(&p) {
+            return Some(md.dev());
+        }
+        if !p.pop() {
+            return None;
+        }
+    }
+}
+
+impl Config {
+    /// Read and validate the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            message: format!("cannot read the configuration: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validate `text` as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let err = |offset: usize, message: String| ConfigError {
+            file: path.to_path_buf(),
+            line: line_of(text, offset),
+            message,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map(|s| s.start).unwrap_or(0);
+            err(offset, e.message().trim().to_string())
+        })?;
+        let (daemon, daemon_at) = match raw.daemon {
+            Some(d) => {
+                let at = d.span().start;
+                (d.into_inner(), at)
+            }
+            None => (RawDaemon::default(), 0),
+        };
+        let socket = daemon
+            .socket
+            .as_ref()
+            .map(|s| s.get_ref().clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        let state_dir = daemon
+            .state_dir
+            .as_ref()
+            .map(|s| s.get_ref().clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        for (p, what, at) in [
+            (
+                &socket,
+                "socket",
+                daemon.socket.as_ref().map(|s| s.span().start),
+            ),
+            (
+                &state_dir,
+                "state_dir",
+                daemon.state_dir.as_ref().map(|s| s.span().start),
+            ),
+        ] {
+            if !p.is_absolute() {
+                return Err(err(
+                    at.unwrap_or(daemon_at),
+                    format!("{what} must be an absolute path, not {}", p.display()),
+                ));
+            }
+        }
+        let socket_mode = match &daemon.socket_mode {
+            None => 0o660,
+            Some(m) => u32::from_str_radix(m.get_ref().trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|v| *v <= 0o777)
+                .ok_or_else(|| {
+                    err(
+                        m.span().start,
+                        format!(
+                            "socket_mode must be an octal mode such as \"0660\", not {:?}",
+                            m.get_ref()
+                        ),
+                    )
+                })?,
+        };
+        let socket_group = match &daemon.socket_group {
+            None => None,
+            Some(g) => {
+                let group = nix::unistd::Group::from_name(g.get_ref())
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| {
+                        err(
+                            g.span().start,
+                            format!("socket_group {:?} does not exist on this host (create it with groupadd)", g.get_ref()),
+                        )
+                    })?;
+                Some((g.get_ref().clone(), group.gid.as_raw()))
+            }
+        };
+        let max_connections = match &daemon.max_connections {
+            None => 1024,
+            Some(m) if *m.get_ref() >= 1 => *m.get_ref(),
+            Some(m) => {
+                return Err(err(
+                    m.span().start,
+                    "max_connections must be at least 1".into(),
+                ))
+            }
+        };
+        let request_timeout = match &daemon.request_timeout_seconds {
+            None => Duration::from_secs(30),
+            Some(t) if t.get_ref().is_finite() && *t.get_ref() > 0.0 => {
+                Duration::from_secs_f64(*t.get_ref())
+            }
+            Some(t) => {
+                return Err(err(
+                    t.span().start,
+                    "request_timeout_seconds must be a positive number".into(),
+                ))
+            }
+        };
+
+        let mut tokens = Vec::new();
+        for t in &raw.tokens {
+            let at = t.span().start;
+            let t = t.get_ref();
+            if !valid_tenant(t.tenant.get_ref()) {
+                return Err(err(
+                    t.tenant.span().start,
+                    format!(
+                        "tenant {:?} must be 1 to 64 letters, digits, '-', '_' or '.'",
+                        t.tenant.get_ref()
+                    ),
+                ));
+            }
+            let sha256 = match (&t.token, &t.token_sha256) {
+                (Some(tok), None) => {
+                    if tok.get_ref().len() < 8 {
+                        return Err(err(
+                            tok.span().start,
+                            "token must be at least 8 characters".into(),
+                        ));
+                    }
+                    token_hash(tok.get_ref())
+                }
+                (None, Some(h)) => {
+                    let s = h.get_ref();
+                    let bytes: Option<Vec<u8>> = (s.len() == 64)
+                        .then(|| {
+                            (0..32)
+                                .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+                                .collect()
+                        })
+                        .flatten();
+                    match bytes {
+                        Some(b) => b.try_into().expect("32 bytes"),
+                        None => {
+                            return Err(err(
+                                h.span().start,
+                                "token_sha256 must be 64 hex digits (sha256sum of the token)"
+                                    .into(),
+                            ))
+                        }
+                    }
+                }
+                _ => {
+                    return Err(err(
+                        at,
+                        "each [[tokens]] entry needs exactly one of token or token_sha256".into(),
+                    ))
+                }
+            };
+            tokens.push(Token {
+                tenant: t.tenant.get_ref().clone(),
+                sha256,
+            });
+        }
+        if tokens.is_empty() {
+            return Err(err(
+                text.len(),
+                "no [[tokens]]: every API call needs a token; add one with a tenant and a token"
+                    .into(),
+            ));
+        }
+
+        let mut volumes = Vec::new();
+        let mut seen_ids: HashMap<Uuid, usize> = HashMap::new();
+        let mut seen_devices: HashMap<PathBuf, usize> = HashMap::new();
+        let state_fs = fs_of(&state_dir);
+        let socket_fs = fs_of(&socket);
+        for v in &raw.volumes {
+            let v = v.get_ref();
+            let id_at = v.id.span().start;
+            let id = Uuid::parse_str(v.id.get_ref()).map_err(|_| {
+                err(
+                    id_at,
+                    format!("volume id {:?} is not a UUID", v.id.get_ref()),
+                )
+            })?;
+            if let Some(first) = seen_ids.insert(id, line_of(text, id_at)) {
+                return Err(err(
+                    id_at,
+                    format!("volume id {id} is used twice (first on line {first})"),
+                ));
+            }
+            let dev_at = v.device.span().start;
+            let device = v.device.get_ref().clone();
+            let md = std::fs::metadata(&device).map_err(|e| {
+                err(
+                    dev_at,
+                    format!(
+                        "device {} of volume {id} does not exist or cannot be read: {e}",
+                        device.display()
+                    ),
+                )
+            })?;
+            let ft = md.file_type();
+            if !ft.is_block_device() && !ft.is_file() {
+                return Err(err(
+                    dev_at,
+                    format!(
+                        "device {} of volume {id} is neither a block device nor a regular file",
+                        device.display()
+                    ),
+                ));
+            }
+            let canonical = std::fs::canonicalize(&device).unwrap_or_else(|_| device.clone());
+            if let Some(first) = seen_devices.insert(canonical, line_of(text, dev_at)) {
+                return Err(err(
+                    dev_at,
+                    format!(
+                        "device {} is configured twice (first on line {first})",
+                        device.display()
+                    ),
+                ));
+            }
+            if ft.is_block_device() {
+                // The state directory (chains, catalog) and the socket must not
+                // be on the filesystem of a volume: freezing it would deadlock.
+                let on_volume = |fs: Option<u64>| -> bool {
+                    let Some(fs) = fs else { return false };
+                    if fs == md.rdev() {
+                        return true;
+                    }
+                    crate::quiesce::mountinfo::read()
+                        .map(|all| {
+                            crate::quiesce::mountinfo::mounts_of(&all, md.rdev(), &device)
+                                .iter()
+                                .any(|m| fs_of(&m.mount_point) == Some(fs))
+                        })
+                        .unwrap_or(false)
+                };
+                if on_volume(state_fs) {
+                    return Err(err(
+                        daemon.state_dir.as_ref().map(|s| s.span().start).unwrap_or(dev_at),
+                        format!(
+                            "state_dir {} is on volume {id} ({}); snapshots would freeze the filesystem they write to: put state_dir on another filesystem",
+                            state_dir.display(),
+                            device.display()
+                        ),
+                    ));
+                }
+                if on_volume(socket_fs) {
+                    return Err(err(
+                        daemon
+                            .socket
+                            .as_ref()
+                            .map(|s| s.span().start)
+                            .unwrap_or(dev_at),
+                        format!(
+                            "socket {} is on volume {id} ({}); put it on another filesystem",
+                            socket.display(),
+                            device.display()
+                        ),
+                    ));
+                }
+            }
+            if let Some(bs) = &v.block_size {
+                crate::chain::format::check_block_size(*bs.get_ref())
+                    .map_err(|e| err(bs.span().start, e.to_string()))?;
+            }
+            let max_freeze = match &v.max_freeze_seconds {
+                None => Duration::from_secs(60),
+                Some(s) if s.get_ref().is_finite() && *s.get_ref() > 0.0 => {
+                    Duration::from_secs_f64(*s.get_ref())
+                }
+                Some(s) => {
+                    return Err(err(
+                        s.span().start,
+                        "max_freeze_seconds must be a positive number".into(),
+                    ))
+                }
+            };
+            let tenant = match &v.tenant {
+                None => None,
+                Some(t) => {
+                    if !tokens.iter().any(|k| &k.tenant == t.get_ref()) {
+                        return Err(err(
+                            t.span().start,
+                            format!("tenant {:?} of volume {id} has no token, so nobody could use the volume", t.get_ref()),
+                        ));
+                    }
+                    Some(t.get_ref().clone())
+                }
+            };
+            volumes.push(Volume {
+                id,
+                device,
+                display_name: v.display_name.clone().unwrap_or_default(),
+                display_description: v.display_description.clone().unwrap_or_default(),
+                quiesce: v.quiesce.unwrap_or_default(),
+                block_size: v.block_size.as_ref().map(|b| *b.get_ref()),
+                max_freeze,
+                tenant,
+            });
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            socket,
+            state_dir,
+            socket_mode,
+            socket_group,
+            allowed_uids: daemon.allowed_uids,
+            max_connections,
+            request_timeout,
+            log_level: daemon.log_level,
+            tokens,
+            volumes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/blocksnap/test.toml"), text)
+    }
+
+    fn image() -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(1 << 20).unwrap();
+        f
+    }
+
+    const TOKENS: &str = "[[tokens]]\ntenant = \"acct\"\ntoken = \"secret-token\"\n";
+
+    #[test]
+    fn a_full_config_parses() {
+        let img = image();
+        let text = format!(
+            "[daemon]\nsocket = \"/run/x.sock\"\nstate_dir = \"/var/lib/x\"\nsocket_mode = \"0600\"\nallowed_uids = [0, 1000]\n\n{TOKENS}\n[[tokens]]\ntenant = \"other\"\ntoken_sha256 = \"{}\"\n\n[[volumes]]\nid = \"c849a193-5275-4527-9e5a-69b2a05933aa\"\ndevice = \"{}\"\ndisplay_name = \"data\"\nquiesce = \"unmount\"\nblock_size = 8192\nmax_freeze_seconds = 5\ntenant = \"acct\"\n",
+            "ab".repeat(32),
+            img.path().display()
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.socket_mode, 0o600);
+        assert_eq!(c.allowed_uids, Some(vec![0, 1000]));
+        assert_eq!(c.tokens.len(), 2);
+        assert_eq!(c.tokens[0].sha256, token_hash("secret-token"));
+        assert_eq!(c.tokens[1].sha256, [0xab; 32]);
+        let v = &c.volumes[0];
+        assert_eq!(v.quiesce, Mode::Unmount);
+        assert_eq!(v.block_size, Some(8192));
+        assert_eq!(v.max_freeze, Duration::from_secs(5));
+        assert_eq!(v.tenant.as_deref(), Some("acct"));
+        assert!(!format!("{:?}", c.tokens[0]).contains("ab"));
+    }
+
+    #[test]
+    fn every_mistake_names_its_line() {
+        let img = image();
+        let dev = img.path().display().to_string();
+        let vol = |id: &str, dev: &str| format!("[[volumes]]\nid = \"{id}\"\ndevice = \"{dev}\"\n");
+        let id = "c849a193-5275-4527-9e5a-69b2a05933aa";
+        let id2 = "d849a193-5275-4527-9e5a-69b2a05933aa";
+        let cases: Vec<(String, usize, &str)> = vec![
+            (
+                format!("{TOKENS}[daemon]\nsockett = \"/x\"\n"),
+                5,
+                "unknown field",
+            ),
+            (
+                format!("{TOKENS}{}", vol("not-a-uuid", &dev)),
+                5,
+                "not a UUID",
+            ),
+            (
+                format!("{TOKENS}{}{}", vol(id, &dev), vol(id, "/dev/null")),
+                8,
+                "used twice",
+            ),
+            (
+                format!("{TOKENS}{}{}", vol(id, &dev), vol(id2, &dev)),
+                9,
+                "configured twice",
+            ),
+            (
+                format!("{TOKENS}{}", vol(id, "/nonexistent/disk")),
+                6,
+                "does not exist",
+            ),
+            (
+                format!("{TOKENS}{}", vol(id, "/dev/null")),
+                6,
+                "neither a block device",
+            ),
+            (
+                format!("{TOKENS}{}quiesce = \"sometimes\"\n", vol(id, &dev)),
+                7,
+                "unknown variant",
+            ),
+            (
+                format!("{TOKENS}{}block_size = 1000\n", vol(id, &dev)),
+                7,
+                "power of two",
+            ),
+            (
+                format!("{TOKENS}{}max_freeze_seconds = -1\n", vol(id, &dev)),
+                7,
+                "positive",
+            ),
+            (
+                format!("{TOKENS}{}tenant = \"ghost\"\n", vol(id, &dev)),
+                7,
+                "has no token",
+            ),
+            (
+                "[[tokens]]\ntenant = \"a\"\n".to_string(),
+                1,
+                "exactly one of token",
+            ),
+            (
+                "[[tokens]]\ntenant = \"a\"\ntoken_sha256 = \"xyz\"\n".to_string(),
+                3,
+                "64 hex",
+            ),
+            (
+                "[[tokens]]\ntenant = \"a/b\"\ntoken = \"secret-token\"\n".to_string(),
+                2,
+                "letters, digits",
+            ),
+            (
+                "[daemon]\nsocket = \"/x\"\n".to_string(),
+                3,
+                "no [[tokens]]",
+            ),
+            (
+                format!("[daemon]\nstate_dir = \"relative\"\n{TOKENS}"),
+                2,
+                "absolute",
+            ),
+            (
+                format!("[daemon]\nsocket_mode = \"rw\"\n{TOKENS}"),
+                2,
+                "octal",
+            ),
+            (
+                format!("[daemon]\nsocket_group = \"no-such-group-xyz\"\n{TOKENS}"),
+                2,
+                "does not exist",
+            ),
+            ("this is not toml".to_string(), 1, ""),
+        ];
+        for (text, line, needle) in cases {
+            let e = parse(&text).expect_err(&text);
+            assert_eq!(e.line, line, "wrong line for {needle:?}: {e}\n{text}");
+            assert!(
+                e.message.contains(needle),
+                "message {:?} lacks {needle:?}",
+                e.message
+            );
+            assert!(
+                e.to_string().starts_with("/etc/blocksnap/test.toml:"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn tenants_are_url_safe() {
+        assert!(valid_tenant("yourAccountID"));
+        assert!(valid_tenant("a-b_c.9"));
+        assert!(!valid_tenant(""));
+        assert!(!valid_tenant(".."));
+        assert!(!valid_tenant("a/b"));
+        assert!(!valid_tenant(&"x".repeat(65)));
+    }
+}

@@ -1,0 +1,142 @@
+//! Counters for `GET /metrics`, in the Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+use uuid::Uuid;
+
+use crate::take::TakeOutcome;
+
+/// Per-volume counters.
+#[derive(Clone, Debug, Default)]
+pub struct VolumeCounters {
+    pub snapshots_taken: u64,
+    pub snapshots_failed: u64,
+    pub bytes_scanned: u64,
+    pub bytes_changed: u64,
+    pub bytes_stored: u64,
+    pub last_freeze_seconds: f64,
+    pub last_snapshot_seconds: f64,
+    pub last_snapshot_timestamp: f64,
+    pub revert_blocks_written: u64,
+}
+
+/// All counters since the daemon started.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    volumes: Mutex<BTreeMap<Uuid, VolumeCounters>>,
+}
+
+impl Metrics {
+    fn with(&self, v: Uuid, f: impl FnOnce(&mut VolumeCounters)) {
+        let mut m = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
+        f(m.entry(v).or_default());
+    }
+
+    pub fn snapshot_ok(&self, v: Uuid, out: &TakeOutcome) {
+        self.with(v, |c| {
+            c.snapshots_taken += 1;
+            c.bytes_scanned += out.snapshot.device_size;
+            c.bytes_changed += out.changed_bytes;
+            c.bytes_stored += out.stored_bytes;
+            c.last_freeze_seconds = out.freeze.as_secs_f64();
+            c.last_snapshot_seconds = out.duration.as_secs_f64();
+            c.last_snapshot_timestamp = crate::util::now_micros() as f64 / 1e6;
+        });
+    }
+
+    pub fn snapshot_failed(&self, v: Uuid) {
+        self.with(v, |c| c.snapshots_failed += 1);
+    }
+
+    pub fn reverted(&self, v: Uuid, blocks: u64) {
+        self.with(v, |c| c.revert_blocks_written += blocks);
+    }
+
+    /// The text exposition for the volumes in `visible`.
+    pub fn render(&self, visible: &[Uuid]) -> String {
+        let m = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
+        let zero = VolumeCounters::default();
+        let rows: Vec<(Uuid, &VolumeCounters)> = visible
+            .iter()
+            .map(|v| (*v, m.get(v).unwrap_or(&zero)))
+            .collect();
+        let mut out = String::new();
+        let metric = |out: &mut String,
+                      name: &str,
+                      kind: &str,
+                      help: &str,
+                      get: &dyn Fn(&VolumeCounters) -> f64| {
+            let _ = writeln!(out, "# HELP blocksnap_{name} {help}");
+            let _ = writeln!(out, "# TYPE blocksnap_{name} {kind}");
+            for (v, c) in &rows {
+                let _ = writeln!(out, "blocksnap_{name}{{volume=\"{v}\"}} {}", get(c));
+            }
+        };
+        metric(
+            &mut out,
+            "snapshots_taken_total",
+            "counter",
+            "Snapshots that became available.",
+            &|c| c.snapshots_taken as f64,
+        );
+        metric(
+            &mut out,
+            "snapshots_failed_total",
+            "counter",
+            "Snapshots that ended in error.",
+            &|c| c.snapshots_failed as f64,
+        );
+        metric(
+            &mut out,
+            "scanned_bytes_total",
+            "counter",
+            "Bytes of devices scanned by snapshots.",
+            &|c| c.bytes_scanned as f64,
+        );
+        metric(
+            &mut out,
+            "changed_bytes_total",
+            "counter",
+            "Bytes found changed by snapshots.",
+            &|c| c.bytes_changed as f64,
+        );
+        metric(
+            &mut out,
+            "stored_bytes_total",
+            "counter",
+            "Bytes appended to chain files by snapshots.",
+            &|c| c.bytes_stored as f64,
+        );
+        metric(
+            &mut out,
+            "last_freeze_seconds",
+            "gauge",
+            "Freeze window of the last snapshot.",
+            &|c| c.last_freeze_seconds,
+        );
+        metric(
+            &mut out,
+            "last_snapshot_duration_seconds",
+            "gauge",
+            "Duration of the last snapshot.",
+            &|c| c.last_snapshot_seconds,
+        );
+        metric(
+            &mut out,
+            "last_snapshot_timestamp_seconds",
+            "gauge",
+            "Unix time the last snapshot became available.",
+            &|c| c.last_snapshot_timestamp,
+        );
+        metric(
+            &mut out,
+            "revert_blocks_written_total",
+            "counter",
+            "Blocks written by reverts.",
+            &|c| c.revert_blocks_written as f64,
+        );
+        out
+    }
+}
