@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
-use uuid::Uuid;
 
 use crate::quiesce::Mode;
 
@@ -89,7 +88,8 @@ impl std::fmt::Debug for Token {
 /// A configured volume.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Volume {
-    pub id: Uuid,
+    /// Any id of letters, digits, '-', '_' and '.' (usually a UUID).
+    pub id: String,
     pub device: PathBuf,
     pub display_name: String,
     pub display_description: String,
@@ -124,8 +124,8 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// A tenant id as it may appear in a URL.
-pub fn valid_tenant(t: &str) -> bool {
+/// A tenant or volume id as it may appear in a URL and a file name.
+pub fn valid_name(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 64
         && t.bytes()
@@ -269,7 +269,7 @@ impl Config {
         for t in &raw.tokens {
             let at = t.span().start;
             let t = t.get_ref();
-            if !valid_tenant(t.tenant.get_ref()) {
+            if !valid_name(t.tenant.get_ref()) {
                 return Err(err(
                     t.tenant.span().start,
                     format!(
@@ -329,20 +329,21 @@ impl Config {
         }
 
         let mut volumes = Vec::new();
-        let mut seen_ids: HashMap<Uuid, usize> = HashMap::new();
+        let mut seen_ids: HashMap<String, usize> = HashMap::new();
         let mut seen_devices: HashMap<PathBuf, usize> = HashMap::new();
         let state_fs = fs_of(&state_dir);
         let socket_fs = fs_of(&socket);
         for v in &raw.volumes {
             let v = v.get_ref();
             let id_at = v.id.span().start;
-            let id = Uuid::parse_str(v.id.get_ref()).map_err(|_| {
-                err(
+            let id = v.id.get_ref().clone();
+            if !valid_name(&id) {
+                return Err(err(
                     id_at,
-                    format!("volume id {:?} is not a UUID", v.id.get_ref()),
-                )
-            })?;
-            if let Some(first) = seen_ids.insert(id, line_of(text, id_at)) {
+                    format!("volume id {id:?} must be 1 to 64 letters, digits, '-', '_' or '.' (a UUID is usual)"),
+                ));
+            }
+            if let Some(first) = seen_ids.insert(id.clone(), line_of(text, id_at)) {
                 return Err(err(
                     id_at,
                     format!("volume id {id} is used twice (first on line {first})"),
@@ -527,9 +528,9 @@ mod tests {
                 "unknown field",
             ),
             (
-                format!("{TOKENS}{}", vol("not-a-uuid", &dev)),
+                format!("{TOKENS}{}", vol("not/a/name", &dev)),
                 5,
-                "not a UUID",
+                "letters, digits",
             ),
             (
                 format!("{TOKENS}{}{}", vol(id, &dev), vol(id, "/dev/null")),
@@ -625,11 +626,12 @@ mod tests {
 
     #[test]
     fn tenants_are_url_safe() {
-        assert!(valid_tenant("yourAccountID"));
-        assert!(valid_tenant("a-b_c.9"));
-        assert!(!valid_tenant(""));
-        assert!(!valid_tenant(".."));
-        assert!(!valid_tenant("a/b"));
-        assert!(!valid_tenant(&"x".repeat(65)));
+        assert!(valid_name("yourAccountID"));
+        assert!(valid_name("c849a193-5275-4527-9e5a-69b2a05933aa"));
+        assert!(valid_name("a-b_c.9"));
+        assert!(!valid_name(""));
+        assert!(!valid_name(".."));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(&"x".repeat(65)));
     }
 }

@@ -5,9 +5,10 @@
 //! set in the environment this is a single relaxed load. With it set to a
 //! point's name, the N-th time (`BLOCKSNAP_FAULT_HIT`, default 1) that point
 //! is reached the process either kills itself with SIGKILL
-//! (`BLOCKSNAP_FAULT_ACTION=kill`) or touches `BLOCKSNAP_FAULT_SIGNAL_FILE`
-//! and sleeps until it is killed (`pause`, the default), so a test can act
-//! at exactly that moment. Never set these on a production host.
+//! (`BLOCKSNAP_FAULT_ACTION=kill`), or touches `BLOCKSNAP_FAULT_SIGNAL_FILE`
+//! and then sleeps until it is killed (`pause`, the default) or for a while
+//! before going on (`delay:MILLISECONDS`), so a test can act at exactly that
+//! moment. Never set these on a production host.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -16,8 +17,15 @@ use std::sync::OnceLock;
 struct Config {
     point: String,
     hit: u64,
-    kill: bool,
+    action: Action,
     signal_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Pause,
+    Kill,
+    Delay(u64),
 }
 
 static CONFIG: OnceLock<Option<Config>> = OnceLock::new();
@@ -32,7 +40,11 @@ fn config() -> &'static Option<Config> {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1),
-            kill: std::env::var("BLOCKSNAP_FAULT_ACTION").as_deref() == Ok("kill"),
+            action: match std::env::var("BLOCKSNAP_FAULT_ACTION").as_deref() {
+                Ok("kill") => Action::Kill,
+                Ok(a) if a.starts_with("delay:") => Action::Delay(a[6..].parse().unwrap_or(1000)),
+                _ => Action::Pause,
+            },
             signal_file: std::env::var("BLOCKSNAP_FAULT_SIGNAL_FILE").ok(),
         })
     })
@@ -64,13 +76,16 @@ pub fn point(name: &str) {
     if n != cfg.hit {
         return;
     }
-    if cfg.kill {
+    if let Action::Kill = cfg.action {
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
     if let Some(f) = &cfg.signal_file {
         let _ = std::fs::write(f, name);
     }
-    loop {
-        std::thread::sleep(std::time::Duration::from_secs(3600));
+    match cfg.action {
+        Action::Delay(ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
+        _ => loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        },
     }
 }

@@ -261,7 +261,7 @@ async fn healthz() -> Response {
 async fn metrics(State(d): State<Shared>, headers: HeaderMap) -> ApiResult<Response> {
     // /metrics has no tenant in its URL; the token decides what it shows.
     let tenant = token_tenant(&d, &headers)?;
-    let visible: Vec<Uuid> = d
+    let visible: Vec<String> = d
         .volumes()
         .into_iter()
         .filter(|v| v.visible_to(&tenant))
@@ -469,7 +469,7 @@ fn gb(bytes: u64) -> u64 {
 fn progress_text(d: &Daemon, r: &SnapshotRecord) -> String {
     match r.status {
         SnapStatus::Available => "100%".to_string(),
-        SnapStatus::Creating => match d.progress_of(r.id).map(|p| p.percent()) {
+        SnapStatus::Creating => match d.progress_of(&r.id.to_string()).map(|p| p.percent()) {
             Some(p) if p > 0.0 => format!("{p:.2}%"),
             _ => "0%".to_string(),
         },
@@ -513,7 +513,8 @@ fn snapshot_detail(d: &Daemon, r: &SnapshotRecord, tenant: &str) -> Map<String, 
 
 /// The snapshots a tenant may see.
 fn visible_snapshots(d: &Daemon, tenant: &str) -> Vec<SnapshotRecord> {
-    let vols: BTreeMap<Uuid, VolumeInfo> = d.volumes().into_iter().map(|v| (v.id, v)).collect();
+    let vols: BTreeMap<String, VolumeInfo> =
+        d.volumes().into_iter().map(|v| (v.id.clone(), v)).collect();
     let mut v: Vec<SnapshotRecord> = d.read(|c| {
         c.snapshots
             .values()
@@ -539,11 +540,7 @@ fn find_snapshot(d: &Daemon, tenant: &str, id: &str) -> ApiResult<SnapshotRecord
 fn filter_snapshots(v: Vec<SnapshotRecord>, p: &ListParams) -> Vec<SnapshotRecord> {
     v.into_iter()
         .filter(|r| p.status.as_deref().is_none_or(|s| r.status.as_str() == s))
-        .filter(|r| {
-            p.volume_id
-                .as_deref()
-                .is_none_or(|s| r.volume_id.to_string() == s)
-        })
+        .filter(|r| p.volume_id.as_deref().is_none_or(|s| r.volume_id == s))
         .filter(|r| {
             p.display_name
                 .as_deref()
@@ -602,13 +599,24 @@ struct SnapshotCreate {
 }
 
 fn find_volume(d: &Daemon, tenant: &str, id: &str) -> ApiResult<VolumeInfo> {
-    let uid = parse_id(id, "Volume")?;
-    d.volume(uid)
+    let not_found = || {
+        ApiError::not_found(format!(
+            "Volume {} could not be found.",
+            id.chars()
+                .filter(|c| !c.is_control())
+                .take(64)
+                .collect::<String>()
+        ))
+    };
+    if !crate::config::valid_name(id) {
+        return Err(not_found());
+    }
+    d.volume(id)
         .filter(|v| v.visible_to(tenant))
-        .ok_or_else(|| ApiError::not_found(format!("Volume {uid} could not be found.")))
+        .ok_or_else(not_found)
 }
 
-fn busy_error(prefix: &str, volume: Uuid, b: &Busy) -> ApiError {
+fn busy_error(prefix: &str, volume: &str, b: &Busy) -> ApiError {
     ApiError::bad_request(format!(
         "{prefix}: volume {volume} is busy: {}; try again when it has finished",
         b.what
@@ -653,16 +661,16 @@ async fn snapshot_create(
     })?;
     let id = Uuid::new_v4();
     d.claim(
-        vol.id,
+        &vol.id,
         Busy {
             what: format!("snapshot {id} is being created"),
             status: None,
         },
     )
-    .map_err(|b| busy_error("Invalid volume", vol.id, &b))?;
+    .map_err(|b| busy_error("Invalid volume", &vol.id, &b))?;
     let record = SnapshotRecord {
         id,
-        volume_id: vol.id,
+        volume_id: vol.id.clone(),
         tenant: Some(t.clone()),
         status: SnapStatus::Creating,
         display_name: req.display_name.unwrap_or_default(),
@@ -732,20 +740,20 @@ async fn snapshot_delete(
         ));
     }
     d.claim(
-        r.volume_id,
+        &r.volume_id,
         Busy {
             what: format!("snapshot {} is being deleted", r.id),
             status: None,
         },
     )
-    .map_err(|b| busy_error("Invalid snapshot", r.volume_id, &b))?;
+    .map_err(|b| busy_error("Invalid snapshot", &r.volume_id, &b))?;
     d.update(|c| {
         if let Some(rec) = c.snapshots.get_mut(&r.id) {
             rec.status = SnapStatus::Deleting;
         }
     });
-    let (vol, sid) = (r.volume_id, r.id);
-    d.spawn(move |d| d.run_delete_snapshot(vol, sid));
+    let (vol, sid) = (r.volume_id.clone(), r.id);
+    d.spawn(move |d| d.run_delete_snapshot(&vol, sid));
     Ok(StatusCode::ACCEPTED.into_response())
 }
 
@@ -871,7 +879,7 @@ async fn meta_delete(
 // ------------------------------------------------------------------ volume views
 
 fn volume_status(d: &Daemon, v: &VolumeInfo) -> String {
-    if let Some(s) = d.busy(v.id).and_then(|b| b.status) {
+    if let Some(s) = d.busy(&v.id).and_then(|b| b.status) {
         return s.to_string();
     }
     if !v.configured && v.record.status != VolStatus::Available {
@@ -926,7 +934,7 @@ fn volume_view(d: &Daemon, v: &VolumeInfo, detail: bool, tenant: &str) -> Map<St
         if let Some(e) = &r.error {
             m.insert("blocksnap:error".into(), json!(e));
         }
-        if let Some(p) = d.progress_of(v.id) {
+        if let Some(p) = d.progress_of(&v.id) {
             m.insert(
                 "blocksnap:progress".into(),
                 json!(format!("{:.2}%", p.percent())),
@@ -1095,7 +1103,11 @@ async fn volume_create(
             } else {
                 snap.size_bytes
             };
-            (Some((snap.volume_id, snap.id)), bytes, Some(snap.id))
+            (
+                Some((snap.volume_id.clone(), snap.id)),
+                bytes,
+                Some(snap.id),
+            )
         }
         None => {
             let n = size.ok_or_else(|| {
@@ -1106,11 +1118,11 @@ async fn volume_create(
             (None, n * GB, None)
         }
     };
-    let id = Uuid::new_v4();
+    let id = Uuid::new_v4().to_string();
     let image = d.volumes_dir().join(format!("{id}.img"));
     metadata.remove("blocksnap:device");
     let record = VolumeRecord {
-        id,
+        id: id.clone(),
         kind: VolumeKind::Made {
             image,
             device: None,
@@ -1126,18 +1138,19 @@ async fn volume_create(
         error: None,
     };
     d.claim(
-        id,
+        &id,
         Busy {
             what: format!("volume {id} is being created"),
             status: None,
         },
     )
-    .map_err(|b| busy_error("Invalid volume", id, &b))?;
+    .map_err(|b| busy_error("Invalid volume", &id, &b))?;
     d.update(|c| {
-        c.volumes.insert(id, record.clone());
+        c.volumes.insert(id.clone(), record.clone());
     });
     tracing::info!(volume = %id, snapshot = ?snapshot_id, size_bytes, "volume requested");
-    d.spawn(move |d| d.run_create_volume(id, from, size_bytes));
+    let vid = id.clone();
+    d.spawn(move |d| d.run_create_volume(&vid, from, size_bytes));
     let info = VolumeInfo {
         id,
         device: None,
@@ -1188,7 +1201,10 @@ async fn volume_update(
         }
     }
     let rec = d.update(|c| {
-        let r = c.volumes.entry(v.id).or_insert_with(|| v.record.clone());
+        let r = c
+            .volumes
+            .entry(v.id.clone())
+            .or_insert_with(|| v.record.clone());
         if let Some(n) = req.display_name {
             r.display_name = n;
         }
@@ -1249,20 +1265,20 @@ async fn volume_delete(
         ));
     }
     d.claim(
-        v.id,
+        &v.id,
         Busy {
             what: format!("volume {} is being deleted", v.id),
             status: Some("deleting"),
         },
     )
-    .map_err(|b| busy_error("Invalid volume", v.id, &b))?;
+    .map_err(|b| busy_error("Invalid volume", &v.id, &b))?;
     d.update(|c| {
         if let Some(r) = c.volumes.get_mut(&v.id) {
             r.status = VolStatus::Deleting;
         }
     });
-    let vid = v.id;
-    d.spawn(move |d| d.run_delete_volume(vid));
+    let vid = v.id.clone();
+    d.spawn(move |d| d.run_delete_volume(&vid));
     Ok(StatusCode::ACCEPTED.into_response())
 }
 
@@ -1319,13 +1335,13 @@ async fn volume_action(
         ));
     }
     d.claim(
-        v.id,
+        &v.id,
         Busy {
             what: format!("volume {} is being reverted to snapshot {}", v.id, snap.id),
             status: Some("reverting"),
         },
     )
-    .map_err(|b| busy_error("Invalid volume", v.id, &b))?;
+    .map_err(|b| busy_error("Invalid volume", &v.id, &b))?;
     tracing::info!(volume = %v.id, snapshot = %snap.id, "revert requested");
     let sid = snap.id;
     d.spawn(move |d| d.run_revert(v, sid));

@@ -40,7 +40,7 @@ impl SnapStatus {
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRecord {
     pub id: Uuid,
-    pub volume_id: Uuid,
+    pub volume_id: String,
     /// The tenant that created it; `None` (adopted from a chain file):
     /// whoever sees the volume sees it.
     #[serde(default)]
@@ -106,7 +106,7 @@ impl VolStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeRecord {
-    pub id: Uuid,
+    pub id: String,
     pub kind: VolumeKind,
     /// Owner; `None` for a configured volume every tenant sees.
     #[serde(default)]
@@ -129,7 +129,7 @@ pub struct Catalog {
     #[serde(default)]
     pub snapshots: BTreeMap<Uuid, SnapshotRecord>,
     #[serde(default)]
-    pub volumes: BTreeMap<Uuid, VolumeRecord>,
+    pub volumes: BTreeMap<String, VolumeRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +189,7 @@ mod tests {
             id,
             SnapshotRecord {
                 id,
-                volume_id: Uuid::new_v4(),
+                volume_id: "vol".into(),
                 tenant: Some("t".into()),
                 status: SnapStatus::Available,
                 display_name: "n".into(),

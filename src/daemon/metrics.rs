@@ -4,8 +4,6 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
-use uuid::Uuid;
-
 use crate::take::TakeOutcome;
 
 /// Per-volume counters.
@@ -25,16 +23,16 @@ pub struct VolumeCounters {
 /// All counters since the daemon started.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    volumes: Mutex<BTreeMap<Uuid, VolumeCounters>>,
+    volumes: Mutex<BTreeMap<String, VolumeCounters>>,
 }
 
 impl Metrics {
-    fn with(&self, v: Uuid, f: impl FnOnce(&mut VolumeCounters)) {
+    fn with(&self, v: &str, f: impl FnOnce(&mut VolumeCounters)) {
         let mut m = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
-        f(m.entry(v).or_default());
+        f(m.entry(v.to_string()).or_default());
     }
 
-    pub fn snapshot_ok(&self, v: Uuid, out: &TakeOutcome) {
+    pub fn snapshot_ok(&self, v: &str, out: &TakeOutcome) {
         self.with(v, |c| {
             c.snapshots_taken += 1;
             c.bytes_scanned += out.snapshot.device_size;
@@ -46,21 +44,21 @@ impl Metrics {
         });
     }
 
-    pub fn snapshot_failed(&self, v: Uuid) {
+    pub fn snapshot_failed(&self, v: &str) {
         self.with(v, |c| c.snapshots_failed += 1);
     }
 
-    pub fn reverted(&self, v: Uuid, blocks: u64) {
+    pub fn reverted(&self, v: &str, blocks: u64) {
         self.with(v, |c| c.revert_blocks_written += blocks);
     }
 
     /// The text exposition for the volumes in `visible`.
-    pub fn render(&self, visible: &[Uuid]) -> String {
+    pub fn render(&self, visible: &[String]) -> String {
         let m = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
         let zero = VolumeCounters::default();
-        let rows: Vec<(Uuid, &VolumeCounters)> = visible
+        let rows: Vec<(&String, &VolumeCounters)> = visible
             .iter()
-            .map(|v| (*v, m.get(v).unwrap_or(&zero)))
+            .map(|v| (v, m.get(v).unwrap_or(&zero)))
             .collect();
         let mut out = String::new();
         let metric = |out: &mut String,

@@ -58,7 +58,7 @@ pub struct Busy {
 /// A volume as the API sees it, configured or made.
 #[derive(Clone, Debug)]
 pub struct VolumeInfo {
-    pub id: Uuid,
+    pub id: String,
     pub device: Option<PathBuf>,
     pub configured: bool,
     pub tenant: Option<String>,
@@ -78,8 +78,9 @@ impl VolumeInfo {
 pub struct Daemon {
     pub config: Config,
     catalog: Mutex<Catalog>,
-    busy: Mutex<HashMap<Uuid, Busy>>,
-    progress: Mutex<HashMap<Uuid, Arc<Progress>>>,
+    busy: Mutex<HashMap<String, Busy>>,
+    /// Live progress by snapshot id (takes) or volume id (reverts).
+    progress: Mutex<HashMap<String, Arc<Progress>>>,
     pub sys: Arc<dyn System>,
     /// Set on SIGTERM: running scans stop, are thawed and marked error.
     pub shutdown: Arc<AtomicBool>,
@@ -105,7 +106,9 @@ impl Daemon {
     pub fn chains_dir(&self) -> PathBuf {
         self.config.state_dir.join("chains")
     }
-    pub fn chain_path(&self, volume: Uuid) -> PathBuf {
+    /// A volume's chain. Volume ids are checked names (config) or UUIDs
+    /// (made here), never paths from a request.
+    pub fn chain_path(&self, volume: &str) -> PathBuf {
         self.chains_dir().join(format!("{volume}.chain"))
     }
     pub fn volumes_dir(&self) -> PathBuf {
@@ -209,27 +212,29 @@ impl Daemon {
         let volumes = self.volumes();
         let mut cat = lock(&self.catalog);
         // Configured volumes the config no longer has lose their overrides.
-        let configured: Vec<Uuid> = self.config.volumes.iter().map(|v| v.id).collect();
+        let configured: Vec<String> = self.config.volumes.iter().map(|v| v.id.clone()).collect();
         cat.volumes
             .retain(|id, r| r.kind != VolumeKind::Configured || configured.contains(id));
         // Configured volumes get a record (and so a creation time) on the
         // first start that sees them.
         for v in &self.config.volumes {
-            cat.volumes.entry(v.id).or_insert_with(|| VolumeRecord {
-                id: v.id,
-                kind: VolumeKind::Configured,
-                tenant: v.tenant.clone(),
-                status: VolStatus::Available,
-                display_name: v.display_name.clone(),
-                display_description: v.display_description.clone(),
-                metadata: BTreeMap::new(),
-                created_us: crate::util::now_micros(),
-                size_bytes: 0,
-                error: None,
-            });
+            cat.volumes
+                .entry(v.id.clone())
+                .or_insert_with(|| VolumeRecord {
+                    id: v.id.clone(),
+                    kind: VolumeKind::Configured,
+                    tenant: v.tenant.clone(),
+                    status: VolStatus::Available,
+                    display_name: v.display_name.clone(),
+                    display_description: v.display_description.clone(),
+                    metadata: BTreeMap::new(),
+                    created_us: crate::util::now_micros(),
+                    size_bytes: 0,
+                    error: None,
+                });
         }
         for v in &volumes {
-            let path = self.chain_path(v.id);
+            let path = self.chain_path(&v.id);
             let live: Vec<chain::Snapshot> = if path.exists() {
                 match Chain::open(&path, Access::Write) {
                     Ok(c) => c.snapshots().to_vec(),
@@ -291,7 +296,7 @@ impl Daemon {
                 if let std::collections::btree_map::Entry::Vacant(e) = cat.snapshots.entry(s.id) {
                     e.insert(SnapshotRecord {
                         id: s.id,
-                        volume_id: v.id,
+                        volume_id: v.id.clone(),
                         tenant: None,
                         status: SnapStatus::Available,
                         display_name: s.name.clone(),
@@ -308,11 +313,11 @@ impl Daemon {
             }
         }
         // Made volumes: reattach, or finish what was interrupted.
-        let made: Vec<Uuid> = cat
+        let made: Vec<String> = cat
             .volumes
             .values()
             .filter(|r| matches!(r.kind, VolumeKind::Made { .. }))
-            .map(|r| r.id)
+            .map(|r| r.id.clone())
             .collect();
         for id in made {
             let r = cat.volumes.get_mut(&id).expect("listed");
@@ -371,7 +376,7 @@ impl Daemon {
                 .get(&v.id)
                 .cloned()
                 .unwrap_or_else(|| VolumeRecord {
-                    id: v.id,
+                    id: v.id.clone(),
                     kind: VolumeKind::Configured,
                     tenant: v.tenant.clone(),
                     status: VolStatus::Available,
@@ -383,7 +388,7 @@ impl Daemon {
                     error: None,
                 });
             out.push(VolumeInfo {
-                id: v.id,
+                id: v.id.clone(),
                 device: Some(v.device.clone()),
                 configured: true,
                 tenant: v.tenant.clone(),
@@ -396,7 +401,7 @@ impl Daemon {
         for r in cat.volumes.values() {
             if let VolumeKind::Made { device, .. } = &r.kind {
                 out.push(VolumeInfo {
-                    id: r.id,
+                    id: r.id.clone(),
                     device: device.clone(),
                     configured: false,
                     tenant: r.tenant.clone(),
@@ -410,7 +415,7 @@ impl Daemon {
         out
     }
 
-    pub fn volume(&self, id: Uuid) -> Option<VolumeInfo> {
+    pub fn volume(&self, id: &str) -> Option<VolumeInfo> {
         self.volumes().into_iter().find(|v| v.id == id)
     }
 
@@ -431,26 +436,26 @@ impl Daemon {
     }
 
     /// What is running on a volume, if anything.
-    pub fn busy(&self, volume: Uuid) -> Option<Busy> {
-        lock(&self.busy).get(&volume).cloned()
+    pub fn busy(&self, volume: &str) -> Option<Busy> {
+        lock(&self.busy).get(volume).cloned()
     }
 
     /// Claim a volume for an operation; fails with what is running.
-    pub fn claim(&self, volume: Uuid, busy: Busy) -> Result<(), Busy> {
+    pub fn claim(&self, volume: &str, busy: Busy) -> Result<(), Busy> {
         let mut b = lock(&self.busy);
-        if let Some(cur) = b.get(&volume) {
+        if let Some(cur) = b.get(volume) {
             return Err(cur.clone());
         }
-        b.insert(volume, busy);
+        b.insert(volume.to_string(), busy);
         Ok(())
     }
 
-    fn release(&self, volume: Uuid) {
-        lock(&self.busy).remove(&volume);
+    fn release(&self, volume: &str) {
+        lock(&self.busy).remove(volume);
     }
 
-    pub fn progress_of(&self, id: Uuid) -> Option<Arc<Progress>> {
-        lock(&self.progress).get(&id).cloned()
+    pub fn progress_of(&self, id: &str) -> Option<Arc<Progress>> {
+        lock(&self.progress).get(id).cloned()
     }
 
     /// Run `job` on the blocking pool, counted so shutdown can wait for it.
@@ -490,7 +495,7 @@ impl Daemon {
     /// The snapshot job: take it, then record the outcome.
     pub fn run_snapshot(&self, volume: VolumeInfo, id: Uuid, force: bool) {
         let progress = Arc::new(Progress::default());
-        lock(&self.progress).insert(id, progress.clone());
+        lock(&self.progress).insert(id.to_string(), progress.clone());
         let (name, description, metadata) = self.read(|c| {
             let r = &c.snapshots[&id];
             (
@@ -523,7 +528,7 @@ impl Daemon {
         let result = take::take(
             self.sys.clone(),
             &device,
-            &self.chain_path(volume.id),
+            &self.chain_path(&volume.id),
             &opts,
         );
         crate::fault::point("before-catalog");
@@ -539,7 +544,7 @@ impl Daemon {
                     quiesce = %out.quiesce,
                     "snapshot available"
                 );
-                self.metrics.snapshot_ok(volume.id, &out);
+                self.metrics.snapshot_ok(&volume.id, &out);
                 self.update(|c| {
                     if let Some(r) = c.snapshots.get_mut(&id) {
                         r.status = SnapStatus::Available;
@@ -560,7 +565,7 @@ impl Daemon {
                     msg
                 };
                 tracing::error!(volume = %volume.id, snapshot = %id, "snapshot failed: {msg}");
-                self.metrics.snapshot_failed(volume.id);
+                self.metrics.snapshot_failed(&volume.id);
                 self.update(|c| {
                     if let Some(r) = c.snapshots.get_mut(&id) {
                         r.status = SnapStatus::Error;
@@ -569,12 +574,12 @@ impl Daemon {
                 });
             }
         }
-        lock(&self.progress).remove(&id);
-        self.release(volume.id);
+        lock(&self.progress).remove(&id.to_string());
+        self.release(&volume.id);
     }
 
     /// The delete job.
-    pub fn run_delete_snapshot(&self, volume: Uuid, id: Uuid) {
+    pub fn run_delete_snapshot(&self, volume: &str, id: Uuid) {
         let path = self.chain_path(volume);
         let r = (|| -> Result<(), chain::ChainError> {
             if !path.exists() {
@@ -608,11 +613,11 @@ impl Daemon {
     }
 
     /// The volume-from-snapshot job (or a blank volume when `from` is None).
-    pub fn run_create_volume(&self, id: Uuid, from: Option<(Uuid, Uuid)>, size: u64) {
+    pub fn run_create_volume(&self, id: &str, from: Option<(String, Uuid)>, size: u64) {
         let image = self.volumes_dir().join(format!("{id}.img"));
         let r = (|| -> Result<PathBuf, String> {
             if let Some((src_volume, snap)) = from {
-                let c = Chain::open(&self.chain_path(src_volume), Access::Read)
+                let c = Chain::open(&self.chain_path(&src_volume), Access::Read)
                     .map_err(|e| error_chain(&e))?;
                 crate::fault::point("volume-restore");
                 chain::restore::restore(&c, snap, &image, &Default::default())
@@ -638,7 +643,7 @@ impl Daemon {
             Ok(dev) => {
                 tracing::info!(volume = %id, device = %dev.display(), "volume available");
                 self.update(|c| {
-                    if let Some(r) = c.volumes.get_mut(&id) {
+                    if let Some(r) = c.volumes.get_mut(id) {
                         r.status = VolStatus::Available;
                         r.metadata
                             .insert("blocksnap:device".into(), dev.display().to_string());
@@ -652,7 +657,7 @@ impl Daemon {
                 tracing::error!(volume = %id, "volume creation failed: {msg}");
                 let _ = std::fs::remove_file(&image);
                 self.update(|c| {
-                    if let Some(r) = c.volumes.get_mut(&id) {
+                    if let Some(r) = c.volumes.get_mut(id) {
                         r.status = VolStatus::Error;
                         r.error = Some(msg);
                     }
@@ -663,8 +668,8 @@ impl Daemon {
     }
 
     /// The delete-volume job (made volumes only).
-    pub fn run_delete_volume(&self, id: Uuid) {
-        let rec = self.read(|c| c.volumes.get(&id).cloned());
+    pub fn run_delete_volume(&self, id: &str) {
+        let rec = self.read(|c| c.volumes.get(id).cloned());
         let r = (|| -> Result<(), String> {
             let Some(VolumeRecord {
                 kind: VolumeKind::Made { image, device, .. },
@@ -691,13 +696,13 @@ impl Daemon {
             Ok(()) => {
                 tracing::info!(volume = %id, "volume deleted");
                 self.update(|c| {
-                    c.volumes.remove(&id);
+                    c.volumes.remove(id);
                 });
             }
             Err(msg) => {
                 tracing::error!(volume = %id, "volume delete failed: {msg}");
                 self.update(|c| {
-                    if let Some(r) = c.volumes.get_mut(&id) {
+                    if let Some(r) = c.volumes.get_mut(id) {
                         r.status = VolStatus::ErrorDeleting;
                         r.error = Some(msg);
                     }
@@ -710,19 +715,19 @@ impl Daemon {
     /// The revert job.
     pub fn run_revert(&self, volume: VolumeInfo, snapshot: Uuid) {
         let progress = Arc::new(Progress::default());
-        lock(&self.progress).insert(volume.id, progress.clone());
+        lock(&self.progress).insert(volume.id.clone(), progress.clone());
         let device = volume.device.clone().unwrap_or_default();
-        let r = Chain::open(&self.chain_path(volume.id), Access::Read)
+        let r = Chain::open(&self.chain_path(&volume.id), Access::Read)
             .map_err(crate::revert::RevertError::from)
             .and_then(|c| crate::revert::revert(&c, snapshot, &device, Some(&progress)));
         match r {
             Ok(out) => {
                 tracing::info!(volume = %volume.id, snapshot = %snapshot, blocks_checked = out.blocks_checked, blocks_written = out.blocks_written, "volume reverted");
-                self.metrics.reverted(volume.id, out.blocks_written);
+                self.metrics.reverted(&volume.id, out.blocks_written);
                 self.update(|c| {
                     let r = c
                         .volumes
-                        .entry(volume.id)
+                        .entry(volume.id.clone())
                         .or_insert_with(|| volume.record.clone());
                     r.metadata
                         .insert("blocksnap:reverted_to".into(), snapshot.to_string());
@@ -739,13 +744,13 @@ impl Daemon {
                 self.update(|c| {
                     let r = c
                         .volumes
-                        .entry(volume.id)
+                        .entry(volume.id.clone())
                         .or_insert_with(|| volume.record.clone());
                     r.error = Some(msg);
                 });
             }
         }
         lock(&self.progress).remove(&volume.id);
-        self.release(volume.id);
+        self.release(&volume.id);
     }
 }

@@ -302,3 +302,417 @@ pub fn assert_same(a: &[u8], b: &[u8], what: &str) {
         panic!("{what}: first difference at byte {i} (block {})", i / 4096);
     }
 }
+
+// ---------------------------------------------------------------- daemon
+
+pub const TENANT: &str = "yourAccountID";
+pub const TOKEN: &str = "yourAuthToken";
+pub const TENANT2: &str = "otherAccount";
+pub const TOKEN2: &str = "otherAuthToken";
+
+/// A running blocksnapd with its own socket and state directory; stopped
+/// (SIGTERM, then SIGKILL) on drop, and any loop device it attached for a
+/// volume made from a snapshot is detached.
+pub struct DaemonProc {
+    pub child: Option<std::process::Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl DaemonProc {
+    /// Write a config with the two test tenants, `daemon_extra` lines in
+    /// [daemon] and `volumes` (TOML), and start the daemon.
+    pub fn start(daemon_extra: &str, volumes: &str) -> DaemonProc {
+        DaemonProc::start_with_env(daemon_extra, volumes, &[])
+    }
+
+    pub fn start_with_env(daemon_extra: &str, volumes: &str, env: &[(&str, &str)]) -> DaemonProc {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("run/blocksnap.sock");
+        let state = dir.path().join("state");
+        let config = dir.path().join("blocksnap.toml");
+        let text = format!(
+            "[daemon]\nsocket = \"{}\"\nstate_dir = \"{}\"\n{daemon_extra}\n\n[[tokens]]\ntenant = \"{TENANT}\"\ntoken = \"{TOKEN}\"\n\n[[tokens]]\ntenant = \"{TENANT2}\"\ntoken = \"{TOKEN2}\"\n\n{volumes}\n",
+            socket.display(),
+            state.display()
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut d = DaemonProc {
+            child: None,
+            log: dir.path().join("daemon.log"),
+            dir,
+            socket,
+            state,
+            config,
+            env: env
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    /// Start (again) and wait until /healthz answers.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(bin("blocksnapd"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env("BLOCKSNAP_LOG", "debug")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!(
+                        "blocksnapd exited at start ({status}):\n{}",
+                        self.log_text()
+                    );
+                }
+            }
+            if let Ok(r) = try_http(&self.socket, "GET", "/healthz", None, None, &[]) {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "blocksnapd did not answer:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Replace the environment for the next spawn.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("blocksnapd did not stop on SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// Call the API as the first tenant.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Resp {
+        http(
+            &self.socket,
+            method,
+            &format!("/v1/{TENANT}{path}"),
+            Some(TOKEN),
+            body,
+        )
+    }
+
+    /// Poll a snapshot until its status is not `creating` / `deleting`.
+    pub fn wait_snapshot(&self, id: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let r = self.call("GET", &format!("/snapshots/{id}"), None);
+            if r.status == 404 {
+                return serde_json::Value::Null;
+            }
+            let s = r.json()["snapshot"].clone();
+            if s["status"] != "creating" && s["status"] != "deleting" {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "snapshot {id} stuck: {s}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Poll a volume until its status is not in `busy`.
+    pub fn wait_volume(&self, id: &str, busy: &[&str]) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let r = self.call("GET", &format!("/volumes/{id}"), None);
+            if r.status == 404 {
+                return serde_json::Value::Null;
+            }
+            let v = r.json()["volume"].clone();
+            if !busy.iter().any(|b| v["status"] == *b) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "volume {id} stuck: {v}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Create a snapshot of `volume` and wait for it; returns its id.
+    pub fn snapshot(&self, volume: &str, name: &str) -> String {
+        let r = self.call(
+            "POST",
+            "/snapshots",
+            Some(&format!(
+                r#"{{"snapshot": {{"volume_id": "{volume}", "display_name": "{name}"}}}}"#
+            )),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let id = r.json()["snapshot"]["id"].as_str().unwrap().to_string();
+        let s = self.wait_snapshot(&id);
+        assert_eq!(s["status"], "available", "{s}\n{}", self.log_text());
+        id
+    }
+
+    /// The chain file of a volume.
+    pub fn chain(&self, volume: &str) -> PathBuf {
+        self.state.join("chains").join(format!("{volume}.chain"))
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            for _ in 0..100 {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Loop devices of volumes made from snapshots.
+        if let Ok(entries) = std::fs::read_dir("/sys/block") {
+            for e in entries.flatten() {
+                if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+                    if Path::new(b.trim()).starts_with(&self.state) {
+                        let dev = PathBuf::from("/dev").join(e.file_name());
+                        cleanup_mounts_of(&dev);
+                        let _ = loopdev::detach(&dev);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An HTTP response.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+    /// The error body's name and message, asserting the reference's shape.
+    pub fn error(&self) -> (String, String) {
+        let v = self.json();
+        let m = v.as_object().expect("error body is an object");
+        assert_eq!(m.len(), 1, "error body has one key: {v}");
+        let (name, inner) = m.iter().next().unwrap();
+        assert_eq!(
+            inner["code"], self.status,
+            "code in body matches status: {v}"
+        );
+        (
+            name.clone(),
+            inner["message"].as_str().unwrap_or("").to_string(),
+        )
+    }
+}
+
+/// One HTTP/1.1 request over a Unix socket (test-side client).
+pub fn try_http(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    extra_headers: &[(&str, &str)],
+) -> std::io::Result<Resp> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("X-Auth-Token: {t}\r\n"));
+    }
+    let has_ct = extra_headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
+    if let Some(b) = body {
+        if !has_ct {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    for (k, v) in extra_headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    if let Some(b) = body {
+        // The server may answer (413) and close before the body is sent.
+        match s.write_all(b.as_bytes()) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) => {}
+            other => other?,
+        }
+    }
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw).ok_or_else(|| {
+        std::io::Error::other(format!(
+            "unparsable response: {:?}",
+            String::from_utf8_lossy(&raw)
+        ))
+    })
+}
+
+pub fn http(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Resp {
+    try_http(socket, method, path, token, body, &[]).unwrap()
+}
+
+pub fn parse_response(raw: &[u8]) -> Option<Resp> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..split]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let nl = rest.windows(2).position(|w| w == b"\r\n")?;
+            let n =
+                usize::from_str_radix(std::str::from_utf8(&rest[..nl]).ok()?.trim(), 16).ok()?;
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(rest.get(nl + 2..nl + 2 + n)?);
+            rest = rest.get(nl + 2 + n + 2..)?;
+        }
+        body = out;
+    }
+    Some(Resp {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// A volume table entry for the config.
+pub fn volume_toml(id: &str, device: &Path, extra: &str) -> String {
+    format!(
+        "[[volumes]]\nid = \"{id}\"\ndevice = \"{}\"\n{extra}\n",
+        device.display()
+    )
+}
+
+/// Restore a snapshot of an ext4 volume, check it with fsck.ext4 -n and mount
+/// it read-only; returns the guards (mount first) and the mount point.
+pub fn restore_and_mount(chain: &Path, id: &str) -> (Mounted, Loop, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("restored.img");
+    cli_ok([
+        "chain".as_ref(),
+        "restore".as_ref(),
+        chain.as_os_str(),
+        id.as_ref(),
+        image.as_os_str(),
+    ]);
+    let check = Command::new("fsck.ext4")
+        .args(["-n", "-f"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "fsck.ext4 -n found problems in snapshot {id}:\n{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let l = Loop::from_image(&image);
+    let m = Mounted::new(&l.dev, "ext4", "ro");
+    (m, l, dir)
+}

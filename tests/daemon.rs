@@ -1,0 +1,1026 @@
+//! blocksnapd end to end: the real daemon on a real Unix socket, called with
+//! curl and a raw HTTP client, on image files, loop devices and mounted ext4.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const VOL: &str = "c849a193-5275-4527-9e5a-69b2a05933aa";
+
+fn is_uuid(v: &Value) -> bool {
+    v.as_str().is_some_and(|s| uuid::Uuid::parse_str(s).is_ok())
+}
+
+fn is_timestamp(v: &Value) -> bool {
+    // %Y-%m-%dT%H:%M:%S.%f, no zone.
+    let Some(s) = v.as_str() else { return false };
+    s.len() == 26
+        && s.as_bytes()[4] == b'-'
+        && s.as_bytes()[10] == b'T'
+        && s.as_bytes()[19] == b'.'
+        && s.chars().filter(|c| c.is_ascii_digit()).count() == 20
+}
+
+fn image_volume(dir: &Path, size: u64) -> std::path::PathBuf {
+    let img = dir.join("vol.img");
+    make_image(&img, size, 42);
+    img
+}
+
+#[test]
+fn the_seeds_curl_call_works_with_only_the_url_changed() {
+    if !root("the_seeds_curl_call_works_with_only_the_url_changed") {
+        return;
+    }
+    // The seed's own volume id, on a real block device with a mounted ext4:
+    // the default quiesce mode freezes it.
+    let vol = Loop::new(64 << 20);
+    mkfs("ext4", &vol.dev);
+    let m = Mounted::new(&vol.dev, "ext4", "");
+    let content = random_bytes(1, 1 << 20);
+    std::fs::write(m.dir.join("file"), &content).unwrap();
+    let d = DaemonProc::start("", &volume_toml("yourVolumeID", &vol.dev, ""));
+    let out = Command::new("curl")
+        .arg("-i")
+        .arg("--unix-socket")
+        .arg(&d.socket)
+        .args([
+            "-X",
+            "POST",
+            "-d",
+            r#"{
+      "snapshot": {
+          "display_name": "snap-001",
+          "display_description": "Daily Backup",
+          "volume_id": "yourVolumeID"
+        }
+      }"#,
+            "-H",
+            "X-Auth-Token: yourAuthToken",
+            "-H",
+            "Content-Type: application/json",
+            "http://localhost/v1/yourAccountID/snapshots",
+        ])
+        .output()
+        .expect("curl runs (.ci/run installs it)");
+    assert!(out.status.success());
+    let r = parse_response(&out.stdout).expect("an HTTP response");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r
+        .header("X-Compute-Request-Id")
+        .is_some_and(|v| v.starts_with("req-") && uuid::Uuid::parse_str(&v[4..]).is_ok()));
+    assert_eq!(r.header("Content-Type"), Some("application/json"));
+    assert!(r.header("Content-Length").is_some());
+    let v = r.json();
+    let s = &v["snapshot"];
+    let fields: Vec<&String> = s.as_object().unwrap().keys().collect();
+    for f in [
+        "status",
+        "display_name",
+        "created_at",
+        "display_description",
+        "volume_id",
+        "metadata",
+        "id",
+        "size",
+    ] {
+        assert!(s.get(f).is_some(), "field {f} missing: {fields:?}");
+    }
+    assert_eq!(s["status"], "creating");
+    assert_eq!(s["display_name"], "snap-001");
+    assert_eq!(s["display_description"], "Daily Backup");
+    assert_eq!(s["volume_id"], "yourVolumeID");
+    assert_eq!(s["metadata"], serde_json::json!({}));
+    assert!(is_uuid(&s["id"]));
+    assert!(is_timestamp(&s["created_at"]), "{}", s["created_at"]);
+    assert_eq!(s["size"], 1);
+    let id = s["id"].as_str().unwrap();
+    let done = d.wait_snapshot(id);
+    assert_eq!(done["status"], "available", "{done}");
+    assert_eq!(done["os-extended-snapshot-attributes:progress"], "100%");
+    assert_eq!(done["os-extended-snapshot-attributes:project_id"], TENANT);
+    assert!(
+        done["blocksnap:freeze_ms"].as_f64().unwrap() > 0.0,
+        "the mounted volume was not frozen"
+    );
+    // It restores to a clean filesystem holding the file. (Not compared byte
+    // for byte with the live device: ext4 marks its superblock clean while
+    // frozen and sets needs_recovery again when thawed.)
+    let (rm, _l, _t) = restore_and_mount(&d.chain("yourVolumeID"), id);
+    assert!(std::fs::read(rm.dir.join("file")).unwrap() == content);
+    assert!(d.log_text().contains("snapshot available"));
+    assert!(!d.log_text().contains(TOKEN), "a token reached the log");
+}
+
+#[test]
+fn every_call_and_error_of_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_volume(dir.path(), 8 << 20);
+    let d = DaemonProc::start("", &volume_toml(VOL, &img, "display_name = \"data\""));
+    let sock = &d.socket;
+    let base = format!("/v1/{TENANT}");
+
+    // Authentication and tenants.
+    let r = http(sock, "GET", &format!("{base}/snapshots"), None, None);
+    assert_eq!((r.status, r.error().0.as_str()), (401, "unauthorized"));
+    let r = http(
+        sock,
+        "GET",
+        &format!("{base}/snapshots"),
+        Some("wrong-token"),
+        None,
+    );
+    assert_eq!((r.status, r.error().0.as_str()), (401, "unauthorized"));
+    let r = http(
+        sock,
+        "GET",
+        &format!("{base}/snapshots"),
+        Some(TOKEN2),
+        None,
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.error(),
+        ("badRequest".into(), "Malformed request url".into())
+    );
+    assert!(
+        r.header("X-Compute-Request-Id").is_some(),
+        "errors carry a request id too"
+    );
+
+    // Create.
+    let create = |body: &str| d.call("POST", "/snapshots", Some(body));
+    let r = create(&format!(
+        r#"{{"snapshot": {{"volume_id": "{VOL}", "display_name": "one", "metadata": {{"k": "v"}}, "force": "no"}}}}"#
+    ));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let s = r.json()["snapshot"].clone();
+    assert_eq!(s["status"], "creating");
+    assert!(
+        s.get("os-extended-snapshot-attributes:progress").is_none(),
+        "the create response is a summary"
+    );
+    let one = s["id"].as_str().unwrap().to_string();
+    assert_eq!(d.wait_snapshot(&one)["status"], "available");
+    let two = d.snapshot(VOL, "two");
+    let three = d.snapshot(VOL, "three");
+
+    // Bad create bodies.
+    let r = create(&format!(
+        r#"{{"snapshot": {{"volume_id": "{VOL}", "force": "maybe"}}}}"#
+    ));
+    assert_eq!(
+        r.error(),
+        (
+            "badRequest".into(),
+            "Invalid value 'maybe' for force. ".into()
+        )
+    );
+    let r = create(r#"{"snap": {}}"#);
+    assert_eq!((r.status, r.error().0.as_str()), (422, "computeFault"));
+    let r = create(r#"{"snapshot": "#);
+    assert_eq!(r.status, 400);
+    assert!(r.error().1.contains("Malformed"));
+    let r = create(&format!(
+        r#"{{"snapshot": {{"volume_id": "{VOL}", "display_name": 7}}}}"#
+    ));
+    assert_eq!(r.status, 400);
+    assert!(r.error().1.contains("snapshot.display_name"), "{}", r.body);
+    let r = create(&format!(
+        r#"{{"snapshot": {{"volume_id": "{VOL}", "colour": "red"}}}}"#
+    ));
+    assert_eq!(r.status, 400);
+    assert!(r.error().1.contains("colour"), "{}", r.body);
+    let r = create(r#"{"snapshot": {"volume_id": "no-such-volume"}}"#);
+    assert_eq!((r.status, r.error().0.as_str()), (404, "itemNotFound"));
+    let big = format!(
+        r#"{{"snapshot": {{"volume_id": "{VOL}", "display_description": "{}"}}}}"#,
+        "x".repeat(2 << 20)
+    );
+    let r = create(&big);
+    assert_eq!((r.status, r.error().0.as_str()), (413, "overLimit"));
+    let r = try_http(
+        sock,
+        "POST",
+        &format!("{base}/snapshots"),
+        Some(TOKEN),
+        Some("volume_id=x"),
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+    )
+    .unwrap();
+    assert_eq!((r.status, r.error().0.as_str()), (415, "badMediaType"));
+
+    // Lists, detail, paging, filters.
+    let list = d.call("GET", "/snapshots", None).json();
+    let names: Vec<&str> = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["display_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["three", "two", "one"]);
+    for x in list["snapshots"].as_array().unwrap() {
+        let keys: Vec<&str> = x.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = vec![
+            "created_at",
+            "display_description",
+            "display_name",
+            "id",
+            "metadata",
+            "size",
+            "status",
+            "volume_id",
+        ];
+        want.sort();
+        assert_eq!(keys, want, "summary fields");
+    }
+    let detail = d.call("GET", "/snapshots/detail", None).json();
+    for x in detail["snapshots"].as_array().unwrap() {
+        assert_eq!(x["os-extended-snapshot-attributes:progress"], "100%");
+        assert_eq!(x["os-extended-snapshot-attributes:project_id"], TENANT);
+    }
+    assert_eq!(
+        d.call("GET", "/snapshots?limit=2", None).json()["snapshots"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let off = d.call("GET", "/snapshots?limit=2&offset=2", None).json();
+    assert_eq!(off["snapshots"][0]["id"], one.as_str());
+    assert_eq!(
+        d.call("GET", "/snapshots?limit=0", None).json()["snapshots"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    let r = d.call("GET", "/snapshots?limit=abc", None);
+    assert_eq!(
+        r.error(),
+        ("badRequest".into(), "limit param must be an integer".into())
+    );
+    let r = d.call("GET", "/snapshots/detail?limit=-1", None);
+    assert_eq!(
+        r.error(),
+        ("badRequest".into(), "limit param must be positive".into())
+    );
+    assert_eq!(
+        d.call("GET", "/snapshots?display_name=two", None).json()["snapshots"][0]["id"],
+        two.as_str()
+    );
+    assert_eq!(
+        d.call("GET", "/snapshots?status=error", None).json()["snapshots"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        d.call(
+            "GET",
+            &format!("/snapshots?volume_id={VOL}&colour=blue"),
+            None
+        )
+        .json()["snapshots"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    // Show, update.
+    let r = d.call("GET", &format!("/snapshots/{one}"), None);
+    assert_eq!(r.json()["snapshot"]["metadata"]["k"], "v");
+    let r = d.call(
+        "GET",
+        "/snapshots/0b1d0a2c-0000-4000-8000-000000000000",
+        None,
+    );
+    assert_eq!(
+        r.error(),
+        (
+            "itemNotFound".into(),
+            "Snapshot 0b1d0a2c-0000-4000-8000-000000000000 could not be found.".into()
+        )
+    );
+    let r = d.call(
+        "PUT",
+        &format!("/snapshots/{one}"),
+        Some(r#"{"snapshot": {"display_name": "renamed", "display_description": "d"}}"#),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["snapshot"]["display_name"], "renamed");
+    let r = d.call(
+        "PUT",
+        &format!("/snapshots/{one}"),
+        Some(r#"{"snapshot": {"status": "error"}}"#),
+    );
+    assert_eq!(r.status, 400, "only names and descriptions change");
+    assert_eq!(
+        d.call("GET", &format!("/snapshots/{one}"), None).json()["snapshot"]["status"],
+        "available"
+    );
+
+    // Metadata.
+    let meta = |m: &str, path: &str, body: Option<&str>| {
+        d.call(m, &format!("/snapshots/{one}/metadata{path}"), body)
+    };
+    assert_eq!(
+        meta("GET", "", None).json(),
+        serde_json::json!({"metadata": {"k": "v"}})
+    );
+    assert_eq!(
+        meta("POST", "", Some(r#"{"metadata": {"a": "1"}}"#)).json(),
+        serde_json::json!({"metadata": {"a": "1", "k": "v"}})
+    );
+    assert_eq!(
+        meta("PUT", "", Some(r#"{"metadata": {"b": "2"}}"#)).json(),
+        serde_json::json!({"metadata": {"b": "2"}})
+    );
+    assert_eq!(
+        meta("GET", "/b", None).json(),
+        serde_json::json!({"meta": {"b": "2"}})
+    );
+    assert_eq!(
+        meta("PUT", "/c", Some(r#"{"meta": {"c": "3"}}"#)).json(),
+        serde_json::json!({"meta": {"c": "3"}})
+    );
+    assert_eq!(
+        meta("PUT", "/c", Some(r#"{"meta": {"d": "3"}}"#)).error().1,
+        "Request body and URI mismatch"
+    );
+    assert_eq!(
+        meta("PUT", "/c", Some(r#"{"meta": {"c": "3", "d": "4"}}"#))
+            .error()
+            .1,
+        "Request body contains too many items"
+    );
+    assert_eq!(meta("DELETE", "/c", None).status, 200);
+    assert_eq!(meta("GET", "/c", None).status, 404);
+    assert_eq!(meta("DELETE", "/c", None).status, 404);
+    assert_eq!(
+        meta("GET", "", None).json(),
+        serde_json::json!({"metadata": {"b": "2"}})
+    );
+
+    // Volumes.
+    let vols = d.call("GET", "/volumes", None).json();
+    let v = &vols["volumes"][0];
+    for f in [
+        "id",
+        "status",
+        "size",
+        "availability_zone",
+        "created_at",
+        "bootable",
+        "attachments",
+        "display_name",
+        "display_description",
+        "volume_type",
+        "snapshot_id",
+        "source_volid",
+        "encrypted",
+        "metadata",
+    ] {
+        assert!(v.get(f).is_some(), "volume field {f} missing: {v}");
+    }
+    assert_eq!(v["id"], VOL);
+    assert_eq!(v["status"], "available");
+    assert_eq!(v["bootable"], "false");
+    assert_eq!(v["size"], 1);
+    assert!(is_timestamp(&v["created_at"]));
+    let detail = d.call("GET", "/volumes/detail", None).json();
+    assert_eq!(detail["volumes"][0]["os-vol-tenant-attr:tenant_id"], TENANT);
+    assert_eq!(
+        d.call("GET", "/volumes?status=in-use", None).json()["volumes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    let r = d.call(
+        "PUT",
+        &format!("/volumes/{VOL}"),
+        Some(r#"{"volume": {"display_name": "data2", "metadata": {"x": "y"}}}"#),
+    );
+    assert_eq!(r.json()["volume"]["display_name"], "data2");
+    assert_eq!(
+        d.call("GET", &format!("/volumes/{VOL}"), None).json()["volume"]["metadata"]["x"],
+        "y"
+    );
+    let r = d.call("DELETE", &format!("/volumes/{VOL}"), None);
+    assert_eq!(r.status, 400);
+    assert!(r.error().1.contains("configured"), "{}", r.body);
+    let r = d.call("GET", "/volumes/..%2F..%2Fetc", None);
+    assert_eq!(r.status, 404);
+    // Volumes from snapshots: the reference's errors.
+    let r = d.call(
+        "POST",
+        "/volumes",
+        Some(r#"{"volume": {"snapshot_id": "0b1d0a2c-0000-4000-8000-000000000000"}}"#),
+    );
+    assert_eq!(
+        r.error(),
+        (
+            "itemNotFound".into(),
+            "snapshot id:0b1d0a2c-0000-4000-8000-000000000000 not found".into()
+        )
+    );
+    let r = d.call(
+        "POST",
+        "/volumes",
+        Some(&format!(
+            r#"{{"volume": {{"snapshot_id": "{one}", "source_volid": "{VOL}"}}}}"#
+        )),
+    );
+    assert_eq!(r.status, 400);
+
+    // Delete: 202 with no body, then gone.
+    let r = d.call("DELETE", &format!("/snapshots/{two}"), None);
+    assert_eq!(r.status, 202);
+    assert!(r.body.is_empty());
+    assert!(d.wait_snapshot(&two).is_null());
+    assert_eq!(
+        d.call("GET", &format!("/snapshots/{two}"), None).status,
+        404
+    );
+    // The others still restore to what they were.
+    let c = blocksnap::chain::Chain::open(&d.chain(VOL), blocksnap::chain::Access::Read).unwrap();
+    assert_eq!(c.snapshots().len(), 2);
+    for id in [&one, &three] {
+        assert_same(
+            &restore_bytes(&d.chain(VOL), id, d.dir.path()),
+            &read_all(&img),
+            id,
+        );
+    }
+
+    // Unknown paths and methods.
+    let r = http(sock, "GET", "/v2/nothing", Some(TOKEN), None);
+    assert_eq!(
+        r.error(),
+        (
+            "itemNotFound".into(),
+            "The resource could not be found.".into()
+        )
+    );
+    let r = http(
+        sock,
+        "PATCH",
+        &format!("{base}/snapshots"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!((r.status, r.error().0.as_str()), (405, "badMethod"));
+
+    // Health and metrics.
+    assert_eq!(http(sock, "GET", "/healthz", None, None).status, 200);
+    assert_eq!(http(sock, "GET", "/metrics", None, None).status, 401);
+    let m = http(sock, "GET", "/metrics", Some(TOKEN), None);
+    assert_eq!(m.status, 200);
+    assert!(
+        m.body.contains(&format!(
+            "blocksnap_snapshots_taken_total{{volume=\"{VOL}\"}} 3"
+        )),
+        "{}",
+        m.body
+    );
+    assert!(m.body.contains("blocksnap_last_freeze_seconds"));
+}
+
+#[test]
+fn one_operation_at_a_time_and_sigterm_abandons_a_running_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_volume(dir.path(), 16 << 20);
+    let signal = dir.path().join("reached");
+    let d_env = [
+        ("BLOCKSNAP_FAULT_POINT", "mid-scan"),
+        ("BLOCKSNAP_FAULT_ACTION", "delay:4000"),
+        ("BLOCKSNAP_FAULT_SIGNAL_FILE", signal.to_str().unwrap()),
+    ];
+    let mut d = DaemonProc::start_with_env("", &volume_toml(VOL, &img, ""), &d_env);
+    let r = d.call(
+        "POST",
+        "/snapshots",
+        Some(&format!(r#"{{"snapshot": {{"volume_id": "{VOL}"}}}}"#)),
+    );
+    let id = r.json()["snapshot"]["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !signal.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "scan never reached its middle:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Mid-scan: live progress, and a second operation is refused.
+    let s = d.call("GET", &format!("/snapshots/{id}"), None).json()["snapshot"].clone();
+    assert_eq!(s["status"], "creating");
+    let p: f64 = s["os-extended-snapshot-attributes:progress"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('%')
+        .parse()
+        .unwrap();
+    assert!(p > 0.0 && p < 100.0, "progress {p}");
+    let r = d.call(
+        "POST",
+        "/snapshots",
+        Some(&format!(r#"{{"snapshot": {{"volume_id": "{VOL}"}}}}"#)),
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        r.error().1.contains(&id) && r.error().1.contains("busy"),
+        "{}",
+        r.body
+    );
+    let r = d.call("DELETE", &format!("/snapshots/{id}"), None);
+    assert_eq!(
+        r.error().1,
+        "Invalid snapshot: Volume Snapshot status must be available or error"
+    );
+    // SIGTERM: the scan is abandoned, the daemon exits 0.
+    let status = d.stop();
+    assert!(status.success(), "exit status {status}:\n{}", d.log_text());
+    d.set_env(&[]);
+    d.spawn();
+    let s = d.wait_snapshot(&id);
+    assert_eq!(s["status"], "error");
+    assert!(
+        s["blocksnap:error"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down"),
+        "{s}"
+    );
+    // Nothing half-made in the chain, and the next snapshot works.
+    assert!(
+        blocksnap::chain::Chain::open(&d.chain(VOL), blocksnap::chain::Access::Read)
+            .unwrap()
+            .snapshots()
+            .is_empty()
+    );
+    let ok = d.snapshot(VOL, "after");
+    assert_same(
+        &restore_bytes(&d.chain(VOL), &ok, d.dir.path()),
+        &read_all(&img),
+        "after restart",
+    );
+}
+
+#[test]
+fn kill_9_during_a_freeze_then_restart() {
+    if !root("kill_9_during_a_freeze_then_restart") {
+        return;
+    }
+    let vol = Loop::new(64 << 20);
+    mkfs("ext4", &vol.dev);
+    let m = Mounted::new(&vol.dev, "ext4", "");
+    let a = random_bytes(3, 4 << 20);
+    std::fs::write(m.dir.join("a"), &a).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let signal = dir.path().join("frozen");
+    let mut d = DaemonProc::start_with_env(
+        "",
+        &volume_toml(VOL, &vol.dev, ""),
+        &[
+            ("BLOCKSNAP_FAULT_POINT", "mid-scan"),
+            ("BLOCKSNAP_FAULT_HIT", "2"),
+            ("BLOCKSNAP_FAULT_SIGNAL_FILE", signal.to_str().unwrap()),
+        ],
+    );
+    let first = d.snapshot(VOL, "first");
+    std::fs::write(m.dir.join("b"), random_bytes(4, 1 << 20)).unwrap();
+    let r = d.call(
+        "POST",
+        "/snapshots",
+        Some(&format!(r#"{{"snapshot": {{"volume_id": "{VOL}"}}}}"#)),
+    );
+    let second = r.json()["snapshot"]["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !signal.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "second snapshot never paused:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.kill9();
+    // Killed while frozen: still frozen (the kernel never thaws on its own).
+    let probe = std::fs::File::open(&m.dir).unwrap();
+    use std::os::fd::AsFd;
+    assert_eq!(
+        blocksnap::sys::freeze(probe.as_fd())
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EBUSY),
+        "expected the filesystem to be left frozen by the killed daemon"
+    );
+    d.set_env(&[]);
+    d.spawn();
+    // Start thawed it.
+    blocksnap::sys::freeze(probe.as_fd()).expect("filesystem still frozen after restart");
+    blocksnap::sys::thaw(probe.as_fd()).unwrap();
+    std::fs::write(m.dir.join("c"), b"writable").unwrap();
+    assert!(d.log_text().contains("thawed a filesystem left frozen"));
+    let s = d.call("GET", &format!("/snapshots/{second}"), None).json()["snapshot"].clone();
+    assert_eq!(s["status"], "error", "{s}");
+    assert_eq!(
+        d.call("GET", &format!("/snapshots/{first}"), None).json()["snapshot"]["status"],
+        "available"
+    );
+    let (rm, _l, _t) = restore_and_mount(&d.chain(VOL), &first);
+    assert!(
+        std::fs::read(rm.dir.join("a")).unwrap() == a,
+        "first snapshot lost its file"
+    );
+    assert!(
+        !rm.dir.join("b").exists(),
+        "first snapshot holds a later file"
+    );
+    drop(rm);
+    cli_ok([
+        "chain".as_ref(),
+        "verify".as_ref(),
+        d.chain(VOL).as_os_str(),
+    ]);
+}
+
+#[test]
+fn volumes_from_snapshots_and_revert_in_place() {
+    if !root("volumes_from_snapshots_and_revert_in_place") {
+        return;
+    }
+    let src = Loop::new(24 << 20);
+    write_at(&src.dev, 0, &random_bytes(5, 24 << 20));
+    let d = DaemonProc::start("", &volume_toml(VOL, &src.dev, "quiesce = \"none\""));
+    let snap = d.snapshot(VOL, "base");
+    let at_snap = read_all(&src.dev);
+
+    // Too small.
+    let r = d.call(
+        "POST",
+        "/volumes",
+        Some(&format!(
+            r#"{{"volume": {{"snapshot_id": "{snap}", "size": 0}}}}"#
+        )),
+    );
+    assert_eq!(r.status, 400);
+    // A new volume: a loop device holding the snapshot.
+    let r = d.call(
+        "POST",
+        "/volumes",
+        Some(&format!(
+            r#"{{"volume": {{"snapshot_id": "{snap}", "display_name": "copy"}}}}"#
+        )),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["volume"]["status"], "creating");
+    assert_eq!(r.json()["volume"]["snapshot_id"], snap.as_str());
+    let made = r.json()["volume"]["id"].as_str().unwrap().to_string();
+    let v = d.wait_volume(&made, &["creating"]);
+    assert_eq!(v["status"], "available", "{v}");
+    let dev = v["metadata"]["blocksnap:device"]
+        .as_str()
+        .expect("device in metadata")
+        .to_string();
+    assert!(dev.starts_with("/dev/loop"));
+    assert_same(
+        &read_all(Path::new(&dev))[..at_snap.len()],
+        &at_snap,
+        "volume from snapshot",
+    );
+    // It can itself be snapshotted, and then not deleted until that goes.
+    let inner = d.snapshot(&made, "of-copy");
+    let r = d.call("DELETE", &format!("/volumes/{made}"), None);
+    assert_eq!(
+        r.error().1,
+        "Invalid volume: Volume still has 1 dependent snapshots"
+    );
+    assert_eq!(
+        d.call("DELETE", &format!("/snapshots/{inner}"), None)
+            .status,
+        202
+    );
+    d.wait_snapshot(&inner);
+
+    // Revert: change 7 blocks, revert, count what was written.
+    for b in [0u64, 9, 10, 11, 300, 4000, 6143] {
+        write_at(&src.dev, b * 4096 + 100, b"changed!");
+    }
+    let r = d.call(
+        "POST",
+        &format!("/volumes/{VOL}/action"),
+        Some(&format!(r#"{{"revert": {{"snapshot_id": "{snap}"}}}}"#)),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let v = d.wait_volume(VOL, &["reverting"]);
+    assert_eq!(v["metadata"]["blocksnap:reverted_blocks"], "7", "{v}");
+    assert_same(&read_all(&src.dev), &at_snap, "reverted volume");
+    let r = d.call(
+        "POST",
+        &format!("/volumes/{VOL}/action"),
+        Some(r#"{"frobnicate": {}}"#),
+    );
+    assert_eq!(r.status, 400);
+
+    // Delete the made volume: detached and removed.
+    assert_eq!(
+        d.call("DELETE", &format!("/volumes/{made}"), None).status,
+        202
+    );
+    assert!(d.wait_volume(&made, &["deleting"]).is_null());
+    assert!(
+        blocksnap::loopdev::find_by_backing(&d.state.join(format!("volumes/{made}.img"))).is_none()
+    );
+    assert!(!d.state.join(format!("volumes/{made}.img")).exists());
+
+    // The same through the blocksnap CLI.
+    let client = |args: &[&str]| {
+        let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        a.extend([
+            "--socket".into(),
+            d.socket.display().to_string(),
+            "--token".into(),
+            TOKEN.into(),
+            "--tenant".into(),
+            TENANT.into(),
+        ]);
+        cli_ok(&a)
+    };
+    let id = last_line(&client(&[
+        "snapshot", "create", VOL, "--name", "cli", "--wait",
+    ]));
+    assert!(client(&["snapshot", "list"]).contains(&id));
+    let shown: Value = serde_json::from_str(&client(&["snapshot", "show", &id, "--json"])).unwrap();
+    assert_eq!(shown["display_name"], "cli");
+    let vid = last_line(&client(&["volume", "create", "--snapshot", &id, "--wait"]));
+    assert!(client(&["volume", "list"]).contains(&vid));
+    client(&["volume", "delete", &vid, "--wait"]);
+    write_at(&src.dev, 4096, b"again");
+    client(&["volume", "revert", VOL, "--snapshot", &id, "--wait"]);
+    assert_same(&read_all(&src.dev), &at_snap, "CLI revert");
+    client(&["snapshot", "delete", &id, "--wait"]);
+    assert!(!client(&["snapshot", "list"]).contains(&id));
+}
+
+#[test]
+fn tenants_see_only_their_own_and_peers_are_checked() {
+    if !root("tenants_see_only_their_own_and_peers_are_checked") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.img");
+    let b = dir.path().join("b.img");
+    let c = dir.path().join("c.img");
+    for p in [&a, &b, &c] {
+        make_image(p, 4 << 20, 1);
+    }
+    let vols = format!(
+        "{}{}{}",
+        volume_toml("vol-a", &a, &format!("tenant = \"{TENANT}\"")),
+        volume_toml("vol-b", &b, &format!("tenant = \"{TENANT2}\"")),
+        volume_toml("vol-c", &c, "")
+    );
+    let d = DaemonProc::start("allowed_uids = [0]\nsocket_mode = \"0666\"", &vols);
+    let as2 = |m: &str, p: &str, body: Option<&str>| {
+        http(
+            &d.socket,
+            m,
+            &format!("/v1/{TENANT2}{p}"),
+            Some(TOKEN2),
+            body,
+        )
+    };
+    let ids = |v: Value, key: &str| -> Vec<String> {
+        let mut x: Vec<String> = v[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect();
+        x.sort();
+        x
+    };
+    assert_eq!(
+        ids(d.call("GET", "/volumes", None).json(), "volumes"),
+        ["vol-a", "vol-c"]
+    );
+    assert_eq!(
+        ids(as2("GET", "/volumes", None).json(), "volumes"),
+        ["vol-b", "vol-c"]
+    );
+    assert_eq!(d.call("GET", "/volumes/vol-b", None).status, 404);
+    let sa = d.snapshot("vol-a", "a");
+    let sc = d.snapshot("vol-c", "c");
+    assert!(ids(as2("GET", "/snapshots", None).json(), "snapshots").is_empty());
+    assert_eq!(as2("GET", &format!("/snapshots/{sa}"), None).status, 404);
+    assert_eq!(as2("GET", &format!("/snapshots/{sc}"), None).status, 404);
+    assert_eq!(as2("DELETE", &format!("/snapshots/{sc}"), None).status, 404);
+    let r = as2(
+        "POST",
+        "/snapshots",
+        Some(r#"{"snapshot": {"volume_id": "vol-a"}}"#),
+    );
+    assert_eq!(r.status, 404);
+
+    // A peer whose uid is not allowed gets 403, whatever its token.
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody");
+    let uid = nobody.uid.as_raw();
+    let out = run_as(uid, || {
+        try_http(
+            &d.socket,
+            "GET",
+            &format!("/v1/{TENANT}/snapshots"),
+            Some(TOKEN),
+            None,
+            &[],
+        )
+    });
+    let r = out.expect("nobody can connect to a 0666 socket");
+    assert_eq!((r.status, r.error().0.as_str()), (403, "forbidden"));
+    // With mode 0600 it cannot even connect.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = run_as(uid, || {
+        try_http(&d.socket, "GET", "/healthz", None, None, &[])
+    });
+    assert_eq!(
+        out.unwrap_err().kind(),
+        std::io::ErrorKind::PermissionDenied
+    );
+}
+
+/// Run `f` in a child process with the given uid; returns what it returned.
+fn run_as(uid: u32, f: impl FnOnce() -> std::io::Result<Resp>) -> std::io::Result<Resp> {
+    use std::io::{Read, Write};
+    let (mut rx, mut tx) = std::os::unix::net::UnixStream::pair().unwrap();
+    // SAFETY: the child only drops privileges, runs `f` (plain socket I/O)
+    // and writes the result to a pipe before _exit; it touches no locks the
+    // parent's other threads might hold except the allocator's, which is
+    // fork-safe in glibc.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            drop(rx);
+            let ok = nix::unistd::setgid(nix::unistd::Gid::from_raw(65534)).is_ok()
+                && nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).is_ok();
+            let msg = if !ok {
+                "E:setuid".to_string()
+            } else {
+                match f() {
+                    Ok(r) => format!("R:{}\n{}", r.status, r.body),
+                    Err(e) => format!("E:{}", e.raw_os_error().unwrap_or(0)),
+                }
+            };
+            let _ = tx.write_all(msg.as_bytes());
+            // SAFETY: leave the forked child without running the parent's destructors.
+            unsafe { libc::_exit(0) };
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(tx);
+            let mut s = String::new();
+            rx.read_to_string(&mut s).unwrap();
+            nix::sys::wait::waitpid(child, None).unwrap();
+            if let Some(e) = s.strip_prefix("E:") {
+                let code: i32 = e.parse().unwrap_or_else(|_| panic!("child failed: {s}"));
+                return Err(std::io::Error::from_raw_os_error(code));
+            }
+            let rest = s.strip_prefix("R:").unwrap();
+            let (status, body) = rest.split_once('\n').unwrap();
+            Ok(Resp {
+                status: status.parse().unwrap(),
+                headers: Vec::new(),
+                body: body.to_string(),
+            })
+        }
+    }
+}
+
+#[test]
+fn a_live_socket_is_not_taken_over_and_a_stale_one_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_volume(dir.path(), 4 << 20);
+    let mut first = DaemonProc::start("", &volume_toml(VOL, &img, ""));
+    // A second daemon with another state directory but the same socket.
+    let cfg = dir.path().join("second.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[daemon]\nsocket = \"{}\"\nstate_dir = \"{}\"\n[[tokens]]\ntenant = \"t\"\ntoken = \"secret-token\"\n",
+            first.socket.display(),
+            dir.path().join("state2").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin("blocksnapd"))
+        .arg("--config")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already answers"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        http(&first.socket, "GET", "/healthz", None, None).status,
+        200,
+        "the live daemon was disturbed"
+    );
+    // The first dies hard; its socket file stays and is replaced.
+    first.kill9();
+    assert!(first.socket.exists());
+    first.spawn();
+    assert_eq!(
+        http(&first.socket, "GET", "/healthz", None, None).status,
+        200
+    );
+}
+
+#[test]
+fn config_mistakes_stop_the_daemon_with_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[daemon]\nsocket = \"/tmp/x.sock\"\nstat_dir = \"/tmp\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin("blocksnapd"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:3:", cfg.display())) && err.contains("stat_dir"),
+        "{err}"
+    );
+    let img = image_volume(dir.path(), 4 << 20);
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[tokens]]\ntenant = \"t\"\ntoken = \"secret-token\"\n{}",
+            volume_toml(VOL, &img, "")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin("blocksnapd"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_state_directory_on_a_configured_volume_is_refused() {
+    if !root("a_state_directory_on_a_configured_volume_is_refused") {
+        return;
+    }
+    let vol = Loop::new(64 << 20);
+    mkfs("ext4", &vol.dev);
+    let m = Mounted::new(&vol.dev, "ext4", "");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[daemon]\nstate_dir = \"{}/state\"\n[[tokens]]\ntenant = \"t\"\ntoken = \"secret-token\"\n{}",
+            m.dir.display(),
+            volume_toml(VOL, &vol.dev, "")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin("blocksnapd"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(":2:") && err.contains("state_dir") && err.contains("another filesystem"),
+        "{err}"
+    );
+}
