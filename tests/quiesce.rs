@@ -618,3 +618,47 @@ fn a_chain_on_the_volume_itself_is_refused_before_freezing() {
     );
     assert!(!is_frozen(&m.dir));
 }
+
+/// Under systemd's ProtectSystem= the daemon has its own mount namespace,
+/// a slave of the host's. Unmount mode must still unmount and mount again
+/// where the host sees it: run the take in such a namespace and check.
+#[test]
+fn unmount_mode_works_from_a_private_mount_namespace() {
+    if !root("unmount_mode_works_from_a_private_mount_namespace") {
+        return;
+    }
+    let vol = Loop::new(64 << 20);
+    mkfs("ext4", &vol.dev);
+    // As on a systemd host: mounts are shared, the service's copies slaves.
+    let shared = SharedDir::new();
+    let m = Mounted::at(&vol.dev, "ext4", "noatime", &shared.dir.path().join("mnt"));
+    std::fs::write(m.dir.join("f"), b"data").unwrap();
+    let before = shape(&mounts_of(&vol.dev));
+    let state = tempfile::tempdir().unwrap();
+    let chain = state.path().join("vol.chain");
+    let host_ns = format!("/proc/{}/ns/mnt", std::process::id());
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "slave", "--"])
+        .env("BLOCKSNAP_HOST_MOUNT_NS", &host_ns)
+        .arg(bin("blocksnap"))
+        .args(take_args(
+            &vol.dev,
+            &chain,
+            &state.path().join("i"),
+            &["--quiesce", "unmount"],
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "take in a private namespace failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        shape(&mounts_of(&vol.dev)),
+        before,
+        "the host's mounts differ afterwards"
+    );
+    assert_eq!(std::fs::read(m.dir.join("f")).unwrap(), b"data");
+    assert_eq!(list_json(&chain).len(), 1);
+}

@@ -184,14 +184,23 @@ pub fn mkfs(fs: &str, dev: &Path) {
 /// A filesystem mounted on a temporary directory; thawed and unmounted on drop.
 pub struct Mounted {
     pub dir: PathBuf,
-    _tmp: tempfile::TempDir,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl Mounted {
     pub fn new(dev: &Path, fs: &str, options: &str) -> Mounted {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("mnt");
-        std::fs::create_dir(&dir).unwrap();
+        let mut m = Mounted::at(dev, fs, options, &dir);
+        m._tmp = Some(tmp);
+        m
+    }
+
+    /// Mount at `dir` (created), which the caller owns.
+    pub fn at(dev: &Path, fs: &str, options: &str, dir: &Path) -> Mounted {
+        let dir = dir.to_path_buf();
+        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = None;
         let mut cmd = Command::new("mount");
         cmd.arg("-t").arg(fs);
         if !options.is_empty() {
@@ -218,6 +227,33 @@ impl Drop for Mounted {
             }
         }
         let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A temporary directory bind-mounted onto itself and made a shared mount,
+/// as every mount is on a systemd host; unmounted on drop.
+pub struct SharedDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl SharedDir {
+    pub fn new() -> SharedDir {
+        let dir = tempfile::tempdir().unwrap();
+        for args in [vec!["--bind"], vec!["--make-shared"]] {
+            let mut cmd = Command::new("mount");
+            cmd.args(&args).arg(dir.path());
+            if args[0] == "--bind" {
+                cmd.arg(dir.path());
+            }
+            assert!(cmd.status().unwrap().success(), "mount {args:?} failed");
+        }
+        SharedDir { dir }
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

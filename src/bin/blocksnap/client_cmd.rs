@@ -150,9 +150,14 @@ fn s(v: &Value, k: &str) -> String {
     }
 }
 
+/// A volume by id (any id, not only UUIDs) or, failing that, by display name.
 async fn resolve_volume(c: &Client, v: &str) -> Result<String, ClientError> {
-    if uuid::Uuid::parse_str(v).is_ok() {
-        return Ok(v.to_string());
+    if blocksnap::config::valid_name(v) {
+        match c.call(Method::GET, &format!("/volumes/{v}"), None).await {
+            Ok(_) => return Ok(v.to_string()),
+            Err(ClientError::Api { status: 404, .. }) => {}
+            Err(e) => return Err(e),
+        }
     }
     let (_, list) = c.call(Method::GET, "/volumes", None).await?;
     let hits: Vec<String> = list["volumes"]

@@ -1,5 +1,7 @@
 //! `blocksnapd`: serves the Block Storage v1 snapshot API on a Unix socket.
 
+mod demo;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,6 +24,10 @@ struct Args {
     /// Validate the configuration and exit
     #[arg(long)]
     check_config: bool,
+    /// Run on a small demo volume in DIR (created; as root a loop device with
+    /// a mounted ext4), printing calls to try
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "demo", conflicts_with = "check_config")]
+    demo: Option<PathBuf>,
 }
 
 /// Logs go to the journal when systemd runs us, otherwise to stderr.
@@ -51,7 +57,20 @@ fn init_logging(level: Option<&str>) {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let demo = match &args.demo {
+        Some(dir) => match demo::prepare(dir) {
+            Ok(d) => {
+                args.config = d.config.clone();
+                Some(d)
+            }
+            Err(e) => {
+                eprintln!("blocksnapd: error: cannot set up the demo: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -81,9 +100,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(async move {
+    let result = rt.block_on(async {
         let d = Daemon::start(config, Arc::new(blocksnap::quiesce::Host))?;
         let l = server::listen(&d)?;
+        if let Some(demo) = &demo {
+            println!("{}", demo::instructions(demo));
+        }
         tracing::info!(
             socket = %l.path.display(),
             volumes = d.config.volumes.len(),
@@ -97,6 +119,7 @@ fn main() -> ExitCode {
                 source: e,
             })
     });
+    drop(demo);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
