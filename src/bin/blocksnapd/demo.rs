@@ -95,26 +95,22 @@ pub fn prepare(dir: &Path) -> Result<Demo, String> {
             .unwrap_or_default()
             .lines()
             .any(|l| l.split(' ').nth(1) == Some(mnt.to_str().unwrap_or("")));
-        if !mounted {
-            if run(Command::new("mount")
+        let mount = || {
+            run(Command::new("mount")
                 .arg("-t")
                 .arg("ext4")
                 .arg(&ld.path)
                 .arg(&mnt))
-            .is_err()
-            {
-                run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&ld.path))?;
-                run(Command::new("mount")
-                    .arg("-t")
-                    .arg("ext4")
-                    .arg(&ld.path)
-                    .arg(&mnt))?;
-                std::fs::write(
-                    mnt.join("hello.txt"),
-                    "This file lives on the blocksnap demo volume. Change it, snapshot, restore.\n",
-                )
-                .map_err(|e| e.to_string())?;
-            }
+        };
+        // Not mounted yet and not mountable: a new image, give it a filesystem.
+        if !mounted && mount().is_err() {
+            run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&ld.path))?;
+            mount()?;
+            std::fs::write(
+                mnt.join("hello.txt"),
+                "This file lives on the blocksnap demo volume. Change it, snapshot, restore.\n",
+            )
+            .map_err(|e| e.to_string())?;
         }
         demo.mount = Some(mnt);
     }
