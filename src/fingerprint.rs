@@ -146,43 +146,59 @@ impl FingerprintMap {
     }
 
     /// Load the map if it exists, is intact and belongs to `chain_id`;
-    /// `Ok(None)` if there is no file.
+    /// `Ok(None)` if there is no file. Streams the file: one copy of the map
+    /// in memory.
     pub fn load(path: &Path, chain_id: Uuid) -> Result<Option<FingerprintMap>, MapError> {
         let io_err = |source| MapError::Io {
             path: path.to_path_buf(),
             source,
         };
-        let mut f = match File::open(path) {
+        let invalid = || MapError::Invalid {
+            path: path.to_path_buf(),
+        };
+        let f = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(e)),
         };
-        let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes).map_err(io_err)?;
-        let invalid = || MapError::Invalid {
-            path: path.to_path_buf(),
-        };
-        if bytes.len() < MAP_HEADER + 4 || &bytes[..8] != MAP_MAGIC {
+        let file_len = f.metadata().map_err(io_err)?.len();
+        let mut r = io::BufReader::with_capacity(1 << 20, f);
+        let mut header = [0u8; MAP_HEADER];
+        r.read_exact(&mut header).map_err(|_| invalid())?;
+        if &header[..8] != MAP_MAGIC {
             return Err(invalid());
         }
-        let (body, crc) = bytes.split_at(bytes.len() - 4);
-        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
-            return Err(invalid());
-        }
-        let u64_at = |o: usize| u64::from_le_bytes(body[o..o + 8].try_into().unwrap());
-        let file_chain = Uuid::from_slice(&body[8..24]).map_err(|_| invalid())?;
-        let snapshot_id = Uuid::from_slice(&body[24..40]).map_err(|_| invalid())?;
+        let u64_at = |o: usize| u64::from_le_bytes(header[o..o + 8].try_into().unwrap());
+        let file_chain = Uuid::from_slice(&header[8..24]).map_err(|_| invalid())?;
+        let snapshot_id = Uuid::from_slice(&header[24..40]).map_err(|_| invalid())?;
         let device_size = u64_at(40);
-        let block_size = u32::from_le_bytes(body[48..52].try_into().unwrap());
+        let block_size = u32::from_le_bytes(header[48..52].try_into().unwrap());
         let seed = u64_at(56);
-        let count = u64_at(64) as usize;
-        if file_chain != chain_id || body.len() != MAP_HEADER + count * 8 {
+        let count = u64_at(64);
+        if file_chain != chain_id || file_len != MAP_HEADER as u64 + count * 8 + 4 {
             return Err(invalid());
         }
-        let prints = body[MAP_HEADER..]
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&header);
+        let mut prints = Vec::with_capacity(count as usize);
+        let mut chunk = vec![0u8; 64 << 10];
+        let mut left = count * 8;
+        while left > 0 {
+            let n = (left as usize).min(chunk.len());
+            r.read_exact(&mut chunk[..n]).map_err(|_| invalid())?;
+            crc.update(&chunk[..n]);
+            prints.extend(
+                chunk[..n]
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap())),
+            );
+            left -= n as u64;
+        }
+        let mut stored = [0u8; 4];
+        r.read_exact(&mut stored).map_err(|_| invalid())?;
+        if crc.finalize() != u32::from_le_bytes(stored) {
+            return Err(invalid());
+        }
         Ok(Some(FingerprintMap {
             chain_id,
             snapshot_id,

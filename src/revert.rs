@@ -95,7 +95,8 @@ pub fn revert(
             source,
         }
     };
-    let window: u64 = 8 << 20;
+    let tuning = crate::take::Tuning::default();
+    let window = (tuning.window as u64 / bs).max(1) * bs;
     let mut out = RevertOutcome::default();
     let mut prints = vec![0u64; (window / bs) as usize];
     let mut run_i = 0usize;

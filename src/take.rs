@@ -80,12 +80,26 @@ pub struct Tuning {
 }
 
 impl Default for Tuning {
+    /// Measured defaults; `BLOCKSNAP_WINDOW_MIB` and `BLOCKSNAP_HASH_THREADS`
+    /// override them for benchmarking.
     fn default() -> Self {
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        // Measured on 2 CPUs (BENCHMARKS.md): 4 and 8 MiB windows scan
+        // equally fast and 4 MiB needs less memory; a second hashing thread
+        // made a warm scan 30% slower, because faulting pages in (the
+        // prefetcher, or a loop device's worker) already keeps a CPU busy
+        // and XXH3 on one core outruns it. Extra hashing threads are used
+        // only when at least two more CPUs are free.
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         Tuning {
-            window: 8 << 20,
-            hash_threads: std::thread::available_parallelism()
-                .map(|n| n.get().min(4))
-                .unwrap_or(1),
+            window: env("BLOCKSNAP_WINDOW_MIB")
+                .map(|m| m.clamp(1, 256) << 20)
+                .unwrap_or(4 << 20),
+            hash_threads: env("BLOCKSNAP_HASH_THREADS")
+                .map(|n| n.clamp(1, 16))
+                .unwrap_or_else(|| cpus.saturating_sub(2).clamp(1, 4)),
         }
     }
 }
@@ -159,7 +173,7 @@ pub fn take(
     }
     let mut chain = Chain::open_or_create(chain_path, opts.block_size)?;
     let side = side_file(chain_path);
-    let old = if opts.full {
+    let mut old = if opts.full {
         None
     } else {
         match chain.newest_fingerprints(&side) {
@@ -256,10 +270,16 @@ pub fn take(
         if let Some(p) = &opts.progress {
             p.total.store(size, Ordering::Relaxed);
         }
+        // One map in memory: the old fingerprints are replaced by the new
+        // ones as the scan goes.
+        let prints = old
+            .as_mut()
+            .map(|m| std::mem::take(&mut m.prints))
+            .unwrap_or_default();
         let r = scan(
             &map,
             size,
-            old.as_ref().map(|m| m.prints.as_slice()),
+            prints,
             seed,
             bs,
             &mut writer,
@@ -404,7 +424,7 @@ impl Stage {
 fn scan(
     map: &DeviceMap<'_>,
     size: u64,
-    old: Option<&[u64]>,
+    mut prints: Vec<u64>,
     seed: u64,
     bs: u64,
     writer: &mut SegmentWriter<'_>,
@@ -414,9 +434,12 @@ fn scan(
 ) -> Result<ScanResult, TakeError> {
     let started = Instant::now();
     let nblocks = size.div_ceil(bs);
-    let mut prints = vec![0u64; nblocks as usize];
+    // Blocks the previous snapshot had; the rest (a grown device) are new.
+    let old_len = prints.len() as u64;
+    prints.resize(nblocks as usize, 0);
     let zero = ZeroPrints::new(seed, bs as usize);
     let window = ((tuning.window as u64 / bs).max(1) * bs).min(size.div_ceil(bs) * bs);
+    let mut fresh = vec![0u64; (window / bs) as usize];
     let nwin = size.div_ceil(window);
     let block_len = |b: u64| (size - b * bs).min(bs) as usize;
     let mut changed_bytes = 0u64;
@@ -430,8 +453,8 @@ fn scan(
 
     std::thread::scope(|s| -> Result<(), TakeError> {
         // A prefetcher faults in the next window while this thread hashes the
-        // current one; the bounded channel keeps at most two windows resident.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<u64, DeviceError>>(1);
+        // current one; the rendezvous channel keeps at most two windows resident.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<u64, DeviceError>>(0);
         s.spawn(move || {
             for w in 0..nwin {
                 if cancel.is_set() {
@@ -455,18 +478,19 @@ fn scan(
             let len = window.min(size - off);
             let b0 = off / bs;
             let b1 = (off + len).div_ceil(bs);
+            let fresh = &mut fresh[..(b1 - b0) as usize];
             crate::fingerprint::hash_blocks(
                 map.bytes(off, len as usize),
                 bs as usize,
                 seed,
-                &mut prints[b0 as usize..b1 as usize],
+                fresh,
                 tuning.hash_threads,
             );
             map.check()?;
             for b in b0..b1 {
-                let unchanged = old
-                    .and_then(|o| o.get(b as usize))
-                    .is_some_and(|&p| p == prints[b as usize]);
+                let new = fresh[(b - b0) as usize];
+                let unchanged = b < old_len && prints[b as usize] == new;
+                prints[b as usize] = new;
                 if unchanged {
                     continue;
                 }

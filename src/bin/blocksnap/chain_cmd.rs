@@ -154,9 +154,12 @@ fn with_progress<T>(
     done: impl Fn() -> u64 + Send + Sync,
     work: impl FnOnce() -> T,
 ) -> T {
+    if !std::io::stderr().is_terminal() {
+        return work();
+    }
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
-        s.spawn(|| {
+        let ticker = s.spawn(|| {
             let mut bar: Option<indicatif::ProgressBar> = None;
             while !stop.load(Ordering::Relaxed) {
                 let t = total();
@@ -167,7 +170,8 @@ fn with_progress<T>(
                     b.set_length(t);
                     b.set_position(done());
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                // Woken at once when the work is done.
+                std::thread::park_timeout(Duration::from_millis(100));
             }
             if let Some(b) = bar {
                 b.finish_and_clear();
@@ -175,6 +179,7 @@ fn with_progress<T>(
         });
         let r = work();
         stop.store(true, Ordering::Relaxed);
+        ticker.thread().unpark();
         r
     })
 }
