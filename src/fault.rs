@@ -52,16 +52,25 @@ fn config() -> &'static Option<Config> {
 
 /// Every point name, for tests that iterate over them.
 pub const POINTS: &[&str] = &[
+    // Snapshot: quiesce, scan, append, the commit protocol, the catalog.
     "before-freeze",
     "after-freeze",
+    "append",
     "mid-scan",
     "after-scan",
     "before-commit",
+    "commit-written",
+    "commit-synced",
+    "commit-recorded",
     "after-commit",
     "before-catalog",
+    // Delete and its merge.
     "delete-before-commit",
     "delete-after-commit",
+    "delete-reclaim",
+    // Volume creation.
     "volume-restore",
+    "volume-attach",
 ];
 
 /// A place where a crash test may stop or kill the process.

@@ -154,6 +154,7 @@ pub fn delete(chain: &mut Chain, id: Uuid) -> Result<DeleteOutcome, ChainError> 
             w.commit(stats)?;
         }
     }
+    crate::fault::point("delete-reclaim");
     out.reclaimed_bytes = reclaim(chain)?;
     Ok(out)
 }

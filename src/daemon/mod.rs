@@ -270,6 +270,7 @@ impl Daemon {
                     _ => {}
                 }
             }
+            let mut gone = Vec::new();
             for id in finish_delete {
                 if in_chain(id) {
                     match Chain::open(&path, Access::Write)
@@ -277,6 +278,7 @@ impl Daemon {
                     {
                         Ok(_) => {
                             cat.snapshots.remove(&id);
+                            gone.push(id);
                         }
                         Err(e) => {
                             if let Some(r) = cat.snapshots.get_mut(&id) {
@@ -291,8 +293,8 @@ impl Daemon {
                 tracing::info!(snapshot = %id, "finished a delete interrupted by a restart");
             }
             // Snapshots in the chain the catalog does not know (taken with the
-            // CLI, or a lost catalog) are adopted.
-            for s in &live {
+            // CLI, or a lost catalog) are adopted; not those just deleted.
+            for s in live.iter().filter(|s| !gone.contains(&s.id)) {
                 if let std::collections::btree_map::Entry::Vacant(e) = cat.snapshots.entry(s.id) {
                     e.insert(SnapshotRecord {
                         id: s.id,
@@ -635,6 +637,7 @@ impl Daemon {
                     .map_err(|e| format!("cannot size {}: {e}", image.display()))?;
             }
             f.sync_all().map_err(|e| e.to_string())?;
+            crate::fault::point("volume-attach");
             let ld = crate::loopdev::attach(&image, false)
                 .map_err(|e| format!("cannot attach a loop device: {e}"))?;
             Ok(ld.path)

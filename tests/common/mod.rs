@@ -489,6 +489,19 @@ impl DaemonProc {
         )
     }
 
+    /// A GET that may meet a daemon that is dying: `None` if it got no answer.
+    pub fn try_call(&self, method: &str, path: &str) -> Option<Resp> {
+        try_http(
+            &self.socket,
+            method,
+            &format!("/v1/{TENANT}{path}"),
+            Some(TOKEN),
+            None,
+            &[],
+        )
+        .ok()
+    }
+
     /// Poll a snapshot until its status is not `creating` / `deleting`.
     pub fn wait_snapshot(&self, id: &str) -> serde_json::Value {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);

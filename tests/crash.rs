@@ -1,0 +1,520 @@
+//! Crash injection: SIGKILL at every fault point (and at random moments),
+//! seeded and reproducible, then check that nothing was lost and nothing
+//! is left frozen.
+//!
+//! BLOCKSNAP_CRASH_SEED picks the seed (printed on failure);
+//! BLOCKSNAP_CRASH_POINTS the number of injected crashes (default 50; the
+//! long form in RELIABILITY.md uses 500).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::Digest;
+
+fn seed() -> u64 {
+    std::env::var("BLOCKSNAP_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20261127)
+}
+
+fn crashes() -> usize {
+    std::env::var("BLOCKSNAP_CRASH_POINTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
+}
+
+/// sha256 of a snapshot's restored image.
+fn restore_hash(chain: &Path, id: &str, tmp: &Path) -> String {
+    let t = tmp.join("h.img");
+    let _ = std::fs::remove_file(&t);
+    cli_ok([
+        "chain".as_ref(),
+        "restore".as_ref(),
+        chain.as_os_str(),
+        id.as_ref(),
+        t.as_os_str(),
+    ]);
+    let mut f = std::fs::File::open(&t).unwrap();
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).unwrap();
+    std::fs::remove_file(&t).unwrap();
+    format!("{:x}", h.finalize())
+}
+
+fn frozen(mp: &Path) -> bool {
+    let d = std::fs::File::open(mp).unwrap();
+    match blocksnap::sys::freeze(d.as_fd()) {
+        Ok(()) => {
+            blocksnap::sys::thaw(d.as_fd()).unwrap();
+            false
+        }
+        Err(_) => true,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Op {
+    Snapshot,
+    Delete,
+    Volume,
+}
+
+const SNAPSHOT_POINTS: &[&str] = &[
+    "before-freeze",
+    "after-freeze",
+    "append",
+    "mid-scan",
+    "after-scan",
+    "before-commit",
+    "commit-written",
+    "commit-synced",
+    "commit-recorded",
+    "after-commit",
+    "before-catalog",
+];
+const DELETE_POINTS: &[&str] = &[
+    "delete-before-commit",
+    "commit-written",
+    "commit-synced",
+    "commit-recorded",
+    "delete-reclaim",
+    "delete-after-commit",
+];
+const VOLUME_POINTS: &[&str] = &["volume-restore", "volume-attach"];
+
+/// Wait until the daemon died or `done` says the operation finished.
+fn until_dead_or(d: &mut DaemonProc, mut done: impl FnMut(&DaemonProc) -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(c) = d.child.as_mut() {
+            if let Ok(Some(_)) = c.try_wait() {
+                d.child = None;
+                return true;
+            }
+        }
+        if done(d) {
+            return false;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "operation neither finished nor crashed:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn the_daemon_survives_sigkill_anywhere() {
+    if !root("the_daemon_survives_sigkill_anywhere") {
+        return;
+    }
+    let seed = seed();
+    let n = crashes();
+    eprintln!("crash harness: seed {seed}, {n} crashes (BLOCKSNAP_CRASH_SEED to reproduce)");
+    let mut rng = Rng::new(seed);
+    let a = Loop::new(64 << 20);
+    mkfs("ext4", &a.dev);
+    let m = Mounted::new(&a.dev, "ext4", "");
+    let b = Loop::new(32 << 20);
+    write_at(&b.dev, 0, &random_bytes(seed, 32 << 20));
+    let vols = format!(
+        "{}{}",
+        volume_toml("vol-a", &a.dev, ""),
+        volume_toml("vol-b", &b.dev, "quiesce = \"none\"")
+    );
+    let mut d = DaemonProc::start("", &vols);
+    let tmp = tempfile::tempdir().unwrap();
+    // Every available snapshot and the hash of its restored image.
+    let mut known: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut plan: Vec<(Op, &str)> = Vec::new();
+    let mut hits: BTreeMap<String, usize> = BTreeMap::new();
+    let mut i = 0;
+    while i < n {
+        if plan.is_empty() {
+            // One round over every point, in a seeded order.
+            plan.extend(SNAPSHOT_POINTS.iter().map(|p| (Op::Snapshot, *p)));
+            plan.extend(DELETE_POINTS.iter().map(|p| (Op::Delete, *p)));
+            plan.extend(VOLUME_POINTS.iter().map(|p| (Op::Volume, *p)));
+            plan.extend([
+                (Op::Snapshot, "random"),
+                (Op::Delete, "random"),
+                (Op::Snapshot, "random"),
+            ]);
+            for k in (1..plan.len()).rev() {
+                plan.swap(k, rng.below(k as u64 + 1) as usize);
+            }
+        }
+        let (op, point) = plan.pop().unwrap();
+        let vol = if rng.below(3) == 0 { "vol-b" } else { "vol-a" };
+        // Change the volume so the snapshot has something to store.
+        if vol == "vol-a" {
+            let p = m.dir.join(format!("f{}", rng.below(8)));
+            std::fs::write(
+                &p,
+                random_bytes(rng.next(), (rng.below(4) as usize + 1) << 20),
+            )
+            .unwrap();
+            nix::unistd::sync();
+        } else {
+            for _ in 0..50 {
+                write_at(
+                    &b.dev,
+                    rng.below(8192) * 4096,
+                    &random_bytes(rng.next(), 4096),
+                );
+            }
+        }
+        // Deletes and volumes need an available snapshot to work on.
+        if (op != Op::Snapshot) && known.is_empty() {
+            let id = d.snapshot(vol, "base");
+            let h = restore_hash(&d.chain(vol), &id, tmp.path());
+            known.insert(id, (vol.to_string(), h));
+        }
+        let hit = if point == "append" {
+            1 + rng.below(3)
+        } else {
+            1
+        };
+        let hit_s = hit.to_string();
+        d.stop();
+        if point == "random" {
+            d.set_env(&[]);
+        } else {
+            d.set_env(&[
+                ("BLOCKSNAP_FAULT_POINT", point),
+                ("BLOCKSNAP_FAULT_ACTION", "kill"),
+                ("BLOCKSNAP_FAULT_HIT", &hit_s),
+            ]);
+        }
+        d.spawn();
+        let target = known
+            .keys()
+            .nth(rng.below(known.len().max(1) as u64) as usize)
+            .cloned();
+        let mut created: Option<String> = None;
+        let mut deleted: Option<String> = None;
+        let mut made: Option<String> = None;
+        let crashed = match op {
+            Op::Snapshot => {
+                let r = d.call(
+                    "POST",
+                    "/snapshots",
+                    Some(&format!(r#"{{"snapshot": {{"volume_id": "{vol}"}}}}"#)),
+                );
+                assert_eq!(r.status, 200, "{}", r.body);
+                let id = r.json()["snapshot"]["id"].as_str().unwrap().to_string();
+                created = Some(id.clone());
+                if point == "random" {
+                    std::thread::sleep(Duration::from_millis(rng.below(150)));
+                    d.kill9();
+                    true
+                } else {
+                    until_dead_or(&mut d, |d| {
+                        d.try_call("GET", &format!("/snapshots/{id}"))
+                            .is_some_and(|r| r.json()["snapshot"]["status"] != "creating")
+                    })
+                }
+            }
+            Op::Delete => {
+                let id = target.clone().unwrap();
+                let r = d.call("DELETE", &format!("/snapshots/{id}"), None);
+                assert_eq!(r.status, 202, "{}", r.body);
+                deleted = Some(id.clone());
+                if point == "random" {
+                    std::thread::sleep(Duration::from_millis(rng.below(50)));
+                    d.kill9();
+                    true
+                } else {
+                    until_dead_or(&mut d, |d| {
+                        d.try_call("GET", &format!("/snapshots/{id}"))
+                            .is_some_and(|r| r.status == 404)
+                    })
+                }
+            }
+            Op::Volume => {
+                let id = target.clone().unwrap();
+                let r = d.call(
+                    "POST",
+                    "/volumes",
+                    Some(&format!(r#"{{"volume": {{"snapshot_id": "{id}"}}}}"#)),
+                );
+                assert_eq!(r.status, 200, "{}", r.body);
+                let vid = r.json()["volume"]["id"].as_str().unwrap().to_string();
+                made = Some(vid.clone());
+                until_dead_or(&mut d, |d| {
+                    d.try_call("GET", &format!("/volumes/{vid}"))
+                        .is_some_and(|r| r.json()["volume"]["status"] != "creating")
+                })
+            }
+        };
+        if !crashed {
+            // The point was not on this operation's path: crash now instead.
+            d.kill9();
+        }
+        *hits.entry(format!("{op:?}:{point}:{crashed}")).or_default() += 1;
+        d.set_env(&[]);
+        d.spawn();
+        let ctx = format!("crash {i} (seed {seed}): {op:?} at {point}");
+
+        // Nothing frozen, and the filesystem is still there and writable.
+        assert!(!frozen(&m.dir), "{ctx}: filesystem left frozen");
+        std::fs::write(m.dir.join("probe"), b"ok")
+            .unwrap_or_else(|e| panic!("{ctx}: not writable: {e}"));
+        // No operation is left half-done.
+        for s in d.call("GET", "/snapshots/detail", None).json()["snapshots"]
+            .as_array()
+            .unwrap()
+        {
+            assert!(
+                s["status"] != "creating" && s["status"] != "deleting",
+                "{ctx}: snapshot {} still {} after restart",
+                s["id"],
+                s["status"]
+            );
+        }
+        if let Some(id) = &created {
+            let s = d.call("GET", &format!("/snapshots/{id}"), None).json()["snapshot"].clone();
+            match s["status"].as_str() {
+                Some("error") => {
+                    assert_eq!(
+                        d.call("DELETE", &format!("/snapshots/{id}"), None).status,
+                        202
+                    );
+                    d.wait_snapshot(id);
+                }
+                Some("available") => {
+                    let h = restore_hash(&d.chain(vol), id, tmp.path());
+                    known.insert(id.clone(), (vol.to_string(), h));
+                }
+                other => panic!("{ctx}: interrupted snapshot is {other:?}"),
+            }
+        }
+        if let Some(id) = &deleted {
+            assert_eq!(
+                d.call("GET", &format!("/snapshots/{id}"), None).status,
+                404,
+                "{ctx}: an accepted delete did not complete: {}\n{}",
+                d.call("GET", &format!("/snapshots/{id}"), None).body,
+                d.log_text()
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            known.remove(id);
+        }
+        if let Some(vid) = &made {
+            let v = d.call("GET", &format!("/volumes/{vid}"), None).json()["volume"].clone();
+            assert!(
+                v["status"] == "available" || v["status"] == "error",
+                "{ctx}: made volume is {}",
+                v["status"]
+            );
+            assert_eq!(
+                d.call("DELETE", &format!("/volumes/{vid}"), None).status,
+                202,
+                "{ctx}"
+            );
+            assert!(
+                d.wait_volume(vid, &["deleting"]).is_null(),
+                "{ctx}: volume not deleted"
+            );
+        }
+        // Every snapshot that was available still is, and restores exactly as before.
+        for (id, (v, h)) in &known {
+            let s = d.call("GET", &format!("/snapshots/{id}"), None).json()["snapshot"].clone();
+            assert_eq!(
+                s["status"], "available",
+                "{ctx}: snapshot {id} is {}",
+                s["status"]
+            );
+            assert_eq!(
+                &restore_hash(&d.chain(v), id, tmp.path()),
+                h,
+                "{ctx}: snapshot {id} restores differently"
+            );
+        }
+        for v in ["vol-a", "vol-b"] {
+            if d.chain(v).exists() {
+                let out = cli(["chain".as_ref(), "verify".as_ref(), d.chain(v).as_os_str()]);
+                assert!(
+                    out.status.success(),
+                    "{ctx}: {v} chain does not verify: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
+        }
+        // Keep the chain short.
+        while known.len() > 5 {
+            let id = known.keys().next().unwrap().clone();
+            assert_eq!(
+                d.call("DELETE", &format!("/snapshots/{id}"), None).status,
+                202
+            );
+            assert!(d.wait_snapshot(&id).is_null());
+            known.remove(&id);
+        }
+        i += 1;
+    }
+    eprintln!("crash harness: {hits:?}");
+    for p in SNAPSHOT_POINTS
+        .iter()
+        .chain(DELETE_POINTS)
+        .chain(VOLUME_POINTS)
+    {
+        assert!(
+            hits.keys().any(|k| k.contains(&format!(":{p}:true"))),
+            "fault point {p} never crashed the daemon: {hits:?}"
+        );
+    }
+}
+
+/// The CLI's `chain take` and `chain delete`, killed at each point of their
+/// write path: the commit record decides, exactly.
+#[test]
+fn the_cli_survives_sigkill_anywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("dev.img");
+    make_image(&img, 16 << 20, 3);
+    let chain = dir.path().join("dev.chain");
+    let mut rng = Rng::new(seed());
+    let mut known: BTreeMap<String, String> = BTreeMap::new();
+    let first = take(&img, &chain, &[]);
+    known.insert(first.clone(), restore_hash(&chain, &first, dir.path()));
+    let killed = |args: &[&std::ffi::OsStr], point: &str, hit: u64| {
+        let out = Command::new(bin("blocksnap"))
+            .args(args)
+            .env("BLOCKSNAP_FAULT_POINT", point)
+            .env("BLOCKSNAP_FAULT_ACTION", "kill")
+            .env("BLOCKSNAP_FAULT_HIT", hit.to_string())
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "{point}: not killed ({:?}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let check = |known: &BTreeMap<String, String>, ctx: &str| {
+        let c = blocksnap::chain::Chain::open(&chain, blocksnap::chain::Access::Read).unwrap();
+        let ids: Vec<String> = c.snapshots().iter().map(|s| s.id.to_string()).collect();
+        let mut want: Vec<String> = known.keys().cloned().collect();
+        let mut got = ids.clone();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "{ctx}");
+        for (id, h) in known {
+            assert_eq!(&restore_hash(&chain, id, dir.path()), h, "{ctx}: {id}");
+        }
+        let out = cli(["chain".as_ref(), "verify".as_ref(), chain.as_os_str()]);
+        assert!(
+            out.status.success(),
+            "{ctx}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    for round in 0..2 {
+        for point in [
+            "append",
+            "mid-scan",
+            "after-scan",
+            "before-commit",
+            "commit-written",
+            "commit-synced",
+            "commit-recorded",
+            "after-commit",
+        ] {
+            for _ in 0..30 {
+                write_at(
+                    &img,
+                    rng.below(4096) * 4096,
+                    &random_bytes(rng.next(), 4096),
+                );
+            }
+            let before: Vec<String> = known.keys().cloned().collect();
+            // "append" happens many times per take: crash at a later one too.
+            let hit = if point == "append" { 1 + round } else { 1 };
+            killed(
+                &[
+                    "chain".as_ref(),
+                    "take".as_ref(),
+                    img.as_os_str(),
+                    chain.as_os_str(),
+                ],
+                point,
+                hit,
+            );
+            let c = blocksnap::chain::Chain::open(&chain, blocksnap::chain::Access::Read).unwrap();
+            let new: Vec<String> = c
+                .snapshots()
+                .iter()
+                .map(|s| s.id.to_string())
+                .filter(|id| !before.contains(id))
+                .collect();
+            // The snapshot exists exactly when its commit record was written.
+            let committed = matches!(point, "commit-recorded" | "after-commit");
+            assert_eq!(
+                new.len(),
+                usize::from(committed),
+                "take killed at {point}: {new:?}"
+            );
+            for id in new {
+                let h = restore_hash(&chain, &id, dir.path());
+                known.insert(id, h);
+            }
+            check(&known, &format!("take killed at {point}"));
+        }
+        for point in [
+            "commit-written",
+            "commit-synced",
+            "commit-recorded",
+            "delete-reclaim",
+        ] {
+            let victim = known
+                .keys()
+                .nth(rng.below(known.len() as u64) as usize)
+                .unwrap()
+                .clone();
+            killed(
+                &[
+                    "chain".as_ref(),
+                    "delete".as_ref(),
+                    chain.as_os_str(),
+                    victim.as_ref(),
+                ],
+                point,
+                1,
+            );
+            if matches!(point, "commit-recorded" | "delete-reclaim") {
+                known.remove(&victim);
+            }
+            check(&known, &format!("delete killed at {point}"));
+            // Keep at least two snapshots around to delete from.
+            if known.len() < 3 {
+                let id = take(&img, &chain, &[]);
+                known.insert(id.clone(), restore_hash(&chain, &id, dir.path()));
+            }
+        }
+    }
+    // After all that, a normal take and delete still work.
+    let id = take(&img, &chain, &[]);
+    assert_eq!(restore_hash(&chain, &id, dir.path()), {
+        let mut h = sha2::Sha256::new();
+        h.update(read_all(&img));
+        format!("{:x}", h.finalize())
+    });
+}
