@@ -77,6 +77,23 @@ pub fn verify(chain: &Chain, progress: Option<&AtomicU64>) -> Report {
     let seed = chain.seed();
     let fd = chain.file().as_fd();
     let mut buf = Vec::new();
+    // Bytes no checksum covers must be zero: any other value is damage too.
+    for (from, to, snapshot) in padding(chain) {
+        buf.resize((to - from) as usize, 0);
+        let ok = match sys::pread_full(fd, &mut buf, from) {
+            Ok(n) => buf[..n].iter().all(|&b| b == 0),
+            Err(_) => false,
+        };
+        if !ok {
+            report.problems.push(Problem {
+                snapshot,
+                name: None,
+                detail: format!(
+                    "padding at chain offset {from}..{to} holds unexpected bytes (damage)"
+                ),
+            });
+        }
+    }
     for snap in chain.snapshots() {
         let problem = |detail: String| Problem {
             snapshot: Some(snap.id),
@@ -156,4 +173,28 @@ pub fn verify(chain: &Chain, progress: Option<&AtomicU64>) -> Report {
         }
     }
     report
+}
+
+/// Ranges of the file that must be zero: the rest of the file header, and
+/// in each segment the header area after the meta area and the gap between
+/// the index and the footer.
+fn padding(chain: &Chain) -> Vec<(u64, u64, Option<Uuid>)> {
+    use super::format::{COMMIT_LEN, FILE_HEADER_LEN, FOOTER_LEN};
+    let mut out = vec![(76, FILE_HEADER_LEN, None)];
+    for s in chain.segments() {
+        let id = (!s.info.snapshot_id.is_nil()).then_some(s.info.snapshot_id);
+        if let Some(meta) = &s.meta {
+            let meta_end =
+                s.info.start + COMMIT_LEN as u64 + super::format::encode_meta(meta).len() as u64;
+            if meta_end < s.info.data_start() {
+                out.push((meta_end, s.info.data_start(), id));
+            }
+        }
+        let index_end = s.info.index_start() + s.info.index_len;
+        let footer = s.info.end() - FOOTER_LEN;
+        if index_end < footer {
+            out.push((index_end, footer, id));
+        }
+    }
+    out
 }

@@ -115,6 +115,12 @@ impl Loop {
         Loop::over(dir, backing)
     }
 
+    /// A loop device over a file that stays where it is (not copied).
+    pub fn over_path(file: &Path) -> Loop {
+        let dir = tempfile::tempdir().unwrap();
+        Loop::over(dir, file.to_path_buf())
+    }
+
     fn over(dir: tempfile::TempDir, backing: PathBuf) -> Loop {
         let ld = loopdev::attach(&backing, false).expect("attach loop device");
         Loop {
@@ -369,12 +375,22 @@ impl DaemonProc {
     pub fn start_with_env(daemon_extra: &str, volumes: &str, env: &[(&str, &str)]) -> DaemonProc {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("run/blocksnap.sock");
-        let state = dir.path().join("state");
         let config = dir.path().join("blocksnap.toml");
+        // A state_dir in `daemon_extra` replaces the default one.
+        let custom_state = daemon_extra
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("state_dir = "))
+            .map(|v| PathBuf::from(v.trim_matches('"')));
+        let state = custom_state
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
+        let state_line = match custom_state {
+            Some(_) => String::new(),
+            None => format!("state_dir = \"{}\"\n", state.display()),
+        };
         let text = format!(
-            "[daemon]\nsocket = \"{}\"\nstate_dir = \"{}\"\n{daemon_extra}\n\n[[tokens]]\ntenant = \"{TENANT}\"\ntoken = \"{TOKEN}\"\n\n[[tokens]]\ntenant = \"{TENANT2}\"\ntoken = \"{TOKEN2}\"\n\n{volumes}\n",
+            "[daemon]\nsocket = \"{}\"\n{state_line}{daemon_extra}\n\n[[tokens]]\ntenant = \"{TENANT}\"\ntoken = \"{TOKEN}\"\n\n[[tokens]]\ntenant = \"{TENANT2}\"\ntoken = \"{TOKEN2}\"\n\n{volumes}\n",
             socket.display(),
-            state.display()
         );
         std::fs::write(&config, text).unwrap();
         let mut d = DaemonProc {
