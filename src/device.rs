@@ -129,25 +129,7 @@ impl Source {
                 }
             }
         })?;
-        let md = file.metadata().map_err(|source| DeviceError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let identity = Identity::of_metadata(&md);
-        let size = if identity.is_block() {
-            sys::block_device_size(file.as_fd()).map_err(|source| DeviceError::Size {
-                path: path.to_path_buf(),
-                source,
-            })?
-        } else {
-            md.len()
-        };
-        Ok(Source {
-            path: path.to_path_buf(),
-            file,
-            size,
-            identity,
-        })
+        Source::from_file(path, file)
     }
 
     /// Open a block device or file for reading and writing (a revert), with
@@ -174,12 +156,21 @@ impl Source {
             path: path.to_path_buf(),
             source,
         })?;
-        let identity = Identity::of_metadata(&md);
-        if !identity.is_block() && !md.file_type().is_file() {
+        if !md.file_type().is_block_device() && !md.file_type().is_file() {
             return Err(DeviceError::NotADevice {
                 path: path.to_path_buf(),
             });
         }
+        Source::from_file(path, file)
+    }
+
+    /// Size and identity of an opened source.
+    fn from_file(path: &Path, file: File) -> Result<Source, DeviceError> {
+        let md = file.metadata().map_err(|source| DeviceError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let identity = Identity::of_metadata(&md);
         let size = if identity.is_block() {
             sys::block_device_size(file.as_fd()).map_err(|source| DeviceError::Size {
                 path: path.to_path_buf(),

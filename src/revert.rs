@@ -60,15 +60,7 @@ pub fn revert(
     device: &Path,
     progress: Option<&Progress>,
 ) -> Result<RevertOutcome, RevertError> {
-    let plan = chain.resolve(id)?;
-    if let Some(d) = &plan.snapshot.damaged {
-        return Err(ChainError::SnapshotDamaged {
-            path: chain.path().to_path_buf(),
-            id,
-            detail: d.clone(),
-        }
-        .into());
-    }
+    let plan = chain.resolve_intact(id)?;
     let src = Source::open_rw(device)?;
     let size = plan.device_size();
     if src.size() < size {

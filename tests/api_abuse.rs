@@ -46,6 +46,7 @@ fn hostile_path_parameters_never_reach_a_path() {
         "%00",
         "a%00b",
         "%ff%fe%fd",
+        "0b1d0a4c0p-z040-0%8000",
         "..%5c..%5cwindows",
         "%2Fetc%2Fpasswd",
         long.as_str(),
@@ -93,6 +94,8 @@ fn hostile_path_parameters_never_reach_a_path() {
                     r.header("X-Injected").is_none(),
                     "header injection via {path}"
                 );
+                // Every error in the reference's format.
+                r.error();
             }
         }
     }
@@ -162,7 +165,7 @@ fn stuck_and_idle_clients_do_not_block_others() {
     );
     assert_eq!(r.status, 200);
     assert!(
-        t0.elapsed() < Duration::from_secs(2),
+        t0.elapsed() < Duration::from_secs(5),
         "a normal request waited {:?} behind stuck clients",
         t0.elapsed()
     );
@@ -229,7 +232,11 @@ fn stuck_and_idle_clients_do_not_block_others() {
         .status,
         200
     );
-    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "a request waited {:?} behind idle connections",
+        t0.elapsed()
+    );
     drop(idle);
 }
 

@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -47,17 +46,6 @@ fn restore_hash(chain: &Path, id: &str, tmp: &Path) -> String {
     std::io::copy(&mut f, &mut h).unwrap();
     std::fs::remove_file(&t).unwrap();
     format!("{:x}", h.finalize())
-}
-
-fn frozen(mp: &Path) -> bool {
-    let d = std::fs::File::open(mp).unwrap();
-    match blocksnap::sys::freeze(d.as_fd()) {
-        Ok(()) => {
-            blocksnap::sys::thaw(d.as_fd()).unwrap();
-            false
-        }
-        Err(_) => true,
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -266,7 +254,7 @@ fn the_daemon_survives_sigkill_anywhere() {
         let ctx = format!("crash {i} (seed {seed}): {op:?} at {point}");
 
         // Nothing frozen, and the filesystem is still there and writable.
-        assert!(!frozen(&m.dir), "{ctx}: filesystem left frozen");
+        assert!(!is_frozen(&m.dir), "{ctx}: filesystem left frozen");
         std::fs::write(m.dir.join("probe"), b"ok")
             .unwrap_or_else(|e| panic!("{ctx}: not writable: {e}"));
         // No operation is left half-done.

@@ -5,25 +5,12 @@ mod common;
 
 use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use common::*;
 
 const VOL: &str = "vol";
-
-fn is_frozen(mp: &Path) -> bool {
-    use std::os::fd::AsFd;
-    let d = std::fs::File::open(mp).unwrap();
-    match blocksnap::sys::freeze(d.as_fd()) {
-        Ok(()) => {
-            blocksnap::sys::thaw(d.as_fd()).unwrap();
-            false
-        }
-        Err(_) => true,
-    }
-}
 
 #[test]
 fn a_full_disk_fails_the_snapshot_cleanly_and_the_next_one_works() {

@@ -5,7 +5,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,20 +14,6 @@ use std::time::{Duration, Instant};
 
 use blocksnap::quiesce::mountinfo;
 use common::*;
-
-/// Whether the filesystem mounted at `mp` is frozen: a freeze attempt
-/// answers EBUSY. If the probe froze it, it is thawed again at once.
-fn is_frozen(mp: &Path) -> bool {
-    let dir = std::fs::File::open(mp).unwrap();
-    match blocksnap::sys::freeze(dir.as_fd()) {
-        Ok(()) => {
-            blocksnap::sys::thaw(dir.as_fd()).unwrap();
-            false
-        }
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => true,
-        Err(e) => panic!("freeze probe of {} failed: {e}", mp.display()),
-    }
-}
 
 /// Write and fsync a file on `mp` from another thread; fail if it does not
 /// finish in time (the filesystem would still be frozen).
@@ -305,6 +290,7 @@ fn unmount_mode_mounts_again_at_the_same_places_with_the_same_options() {
     if !root("unmount_mode_mounts_again_at_the_same_places_with_the_same_options") {
         return;
     }
+    let _ns = MOUNT_NAMESPACES.read().unwrap_or_else(|p| p.into_inner());
     let vol = Loop::new(64 << 20);
     mkfs("ext4", &vol.dev);
     let m = Mounted::new(&vol.dev, "ext4", "noatime,nodev,commit=7");
@@ -389,6 +375,7 @@ fn mode_none_refuses_a_mounted_device_and_blocks_mounts_while_it_runs() {
     if !root("mode_none_refuses_a_mounted_device_and_blocks_mounts_while_it_runs") {
         return;
     }
+    let _ns = MOUNT_NAMESPACES.read().unwrap_or_else(|p| p.into_inner());
     let vol = Loop::new(64 << 20);
     mkfs("ext4", &vol.dev);
     let state = tempfile::tempdir().unwrap();
@@ -627,6 +614,7 @@ fn unmount_mode_works_from_a_private_mount_namespace() {
     if !root("unmount_mode_works_from_a_private_mount_namespace") {
         return;
     }
+    let _ns = MOUNT_NAMESPACES.write().unwrap_or_else(|p| p.into_inner());
     let vol = Loop::new(64 << 20);
     mkfs("ext4", &vol.dev);
     // As on a systemd host: mounts are shared, the service's copies slaves.

@@ -894,6 +894,20 @@ impl Chain {
         })
     }
 
+    /// [`Chain::resolve`], refusing a snapshot whose segment is damaged (its
+    /// header, commit record or footer did not check out).
+    pub fn resolve_intact(&self, id: Uuid) -> Result<Plan, ChainError> {
+        let plan = self.resolve(id)?;
+        match &plan.snapshot.damaged {
+            Some(detail) => Err(ChainError::SnapshotDamaged {
+                path: self.path.clone(),
+                id,
+                detail: detail.clone(),
+            }),
+            None => Ok(plan),
+        }
+    }
+
     /// The fingerprint map of the newest snapshot: from the side file when it
     /// matches, otherwise rebuilt from the chain's indexes.
     pub fn newest_fingerprints(

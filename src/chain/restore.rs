@@ -94,15 +94,7 @@ pub fn restore(
     target: &Path,
     opts: &RestoreOptions,
 ) -> Result<RestoreOutcome, RestoreError> {
-    let plan = chain.resolve(id)?;
-    if let Some(d) = &plan.snapshot.damaged {
-        return Err(ChainError::SnapshotDamaged {
-            path: chain.path().to_path_buf(),
-            id,
-            detail: d.clone(),
-        }
-        .into());
-    }
+    let plan = chain.resolve_intact(id)?;
     let (file, kind) = open_target(chain, &plan, target, opts)?;
     write_image(chain, &plan, &file, kind, target, opts)
 }

@@ -94,6 +94,50 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// `Path`, with rejections (bad percent-encoding, invalid UTF-8) answered in
+/// the reference's format: such an id names nothing, so 404.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(_) => Err(ApiError::plain_not_found()),
+        }
+    }
+}
+
+/// `Query`, with a malformed query string answered in the reference's format.
+#[derive(Debug)]
+pub struct ApiQuery(pub BTreeMap<String, String>);
+
+impl<S> axum::extract::FromRequestParts<S> for ApiQuery
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Query::<BTreeMap<String, String>>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(ApiQuery(v)),
+            Err(_) => Err(ApiError::bad_request("Malformed query string")),
+        }
+    }
+}
+
 /// The peer's credentials, put on every request by the server.
 #[derive(Clone, Copy, Debug)]
 pub struct Peer {
@@ -554,7 +598,7 @@ fn filter_snapshots(v: Vec<SnapshotRecord>, p: &ListParams) -> Vec<SnapshotRecor
 async fn snapshots_list(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Query(q): Query<BTreeMap<String, String>>,
+    ApiQuery(q): ApiQuery,
 ) -> ApiResult<Json<Value>> {
     let p = list_params(&q)?;
     let items = page(filter_snapshots(visible_snapshots(&d, &t), &p), &p);
@@ -566,7 +610,7 @@ async fn snapshots_list(
 async fn snapshots_detail(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Query(q): Query<BTreeMap<String, String>>,
+    ApiQuery(q): ApiQuery,
 ) -> ApiResult<Json<Value>> {
     let p = list_params(&q)?;
     let items = page(filter_snapshots(visible_snapshots(&d, &t), &p), &p);
@@ -578,7 +622,7 @@ async fn snapshots_detail(
 async fn snapshot_show(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Path((_, id)): Path<(String, String)>,
+    ApiPath((_, id)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let r = find_snapshot(&d, &t, &id)?;
     Ok(Json(json!({ "snapshot": snapshot_detail(&d, &r, &t) })))
@@ -614,6 +658,15 @@ fn find_volume(d: &Daemon, tenant: &str, id: &str) -> ApiResult<VolumeInfo> {
     d.volume(id)
         .filter(|v| v.visible_to(tenant))
         .ok_or_else(not_found)
+}
+
+/// Whether a volume is mounted, read off the async runtime. If that cannot be
+/// told, it counts as mounted (the safe answer for deletes and reverts).
+async fn mounted_now(d: &Shared, v: &VolumeInfo) -> bool {
+    let (d, v) = (d.clone(), v.clone());
+    tokio::task::spawn_blocking(move || d.mounted(&v))
+        .await
+        .unwrap_or(true)
 }
 
 fn busy_error(prefix: &str, volume: &str, b: &Busy) -> ApiError {
@@ -703,7 +756,7 @@ struct SnapshotUpdate {
 async fn snapshot_update(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Path((_, id)): Path<(String, String)>,
+    ApiPath((_, id)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
@@ -731,7 +784,7 @@ async fn snapshot_update(
 async fn snapshot_delete(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Path((_, id)): Path<(String, String)>,
+    ApiPath((_, id)): ApiPath<(String, String)>,
 ) -> ApiResult<Response> {
     let r = find_snapshot(&d, &t, &id)?;
     if !matches!(r.status, SnapStatus::Available | SnapStatus::Error) {
@@ -762,7 +815,7 @@ async fn snapshot_delete(
 async fn meta_get_all(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Path((_, id)): Path<(String, String)>,
+    ApiPath((_, id)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let r = find_snapshot(&d, &t, &id)?;
     Ok(Json(json!({ "metadata": r.metadata })))
@@ -780,7 +833,7 @@ async fn meta_body(headers: &HeaderMap, body: Body) -> ApiResult<BTreeMap<String
 async fn meta_merge(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Path((_, id)): Path<(String, String)>,
+    ApiPath((_, id)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
@@ -800,7 +853,7 @@ async fn meta_merge(
 async fn meta_replace(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Path((_, id)): Path<(String, String)>,
+    ApiPath((_, id)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
@@ -824,7 +877,7 @@ fn meta_not_found() -> ApiError {
 async fn meta_get(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Path((_, id, key)): Path<(String, String, String)>,
+    ApiPath((_, id, key)): ApiPath<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
     let r = find_snapshot(&d, &t, &id)?;
     let v = r.metadata.get(&key).ok_or_else(meta_not_found)?;
@@ -834,7 +887,7 @@ async fn meta_get(
 async fn meta_put(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Path((_, id, key)): Path<(String, String, String)>,
+    ApiPath((_, id, key)): ApiPath<(String, String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
@@ -862,7 +915,7 @@ async fn meta_put(
 async fn meta_delete(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Path((_, id, key)): Path<(String, String, String)>,
+    ApiPath((_, id, key)): ApiPath<(String, String, String)>,
 ) -> ApiResult<Response> {
     let r = find_snapshot(&d, &t, &id)?;
     if !r.metadata.contains_key(&key) {
@@ -976,7 +1029,7 @@ async fn volume_views(d: Shared, tenant: String, detail: bool, p: ListParams) ->
 async fn volumes_list(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Query(q): Query<BTreeMap<String, String>>,
+    ApiQuery(q): ApiQuery,
 ) -> ApiResult<Json<Value>> {
     let p = list_params(&q)?;
     Ok(Json(volume_views(d, t, false, p).await?))
@@ -985,7 +1038,7 @@ async fn volumes_list(
 async fn volumes_detail(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Query(q): Query<BTreeMap<String, String>>,
+    ApiQuery(q): ApiQuery,
 ) -> ApiResult<Json<Value>> {
     let p = list_params(&q)?;
     Ok(Json(volume_views(d, t, true, p).await?))
@@ -994,7 +1047,7 @@ async fn volumes_detail(
 async fn volume_show(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Path((_, id)): Path<(String, String)>,
+    ApiPath((_, id)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let v = find_volume(&d, &t, &id)?;
     let view = tokio::task::spawn_blocking(move || volume_view(&d, &v, true, &t))
@@ -1181,7 +1234,7 @@ struct VolumeUpdate {
 async fn volume_update(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Path((_, id)): Path<(String, String)>,
+    ApiPath((_, id)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
@@ -1233,7 +1286,7 @@ async fn volume_update(
 async fn volume_delete(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Path((_, id)): Path<(String, String)>,
+    ApiPath((_, id)): ApiPath<(String, String)>,
 ) -> ApiResult<Response> {
     let v = find_volume(&d, &t, &id)?;
     if v.configured {
@@ -1254,12 +1307,7 @@ async fn volume_delete(
             "Invalid volume: Volume status must be available or error",
         ));
     }
-    let d2 = d.clone();
-    let v2 = v.clone();
-    if tokio::task::spawn_blocking(move || d2.mounted(&v2))
-        .await
-        .unwrap_or(true)
-    {
+    if mounted_now(&d, &v).await {
         return Err(ApiError::bad_request(
             "Invalid volume: the volume is in use (mounted); unmount it first",
         ));
@@ -1291,7 +1339,7 @@ struct Revert {
 async fn volume_action(
     State(d): State<Shared>,
     axum::Extension(Tenant(t)): axum::Extension<Tenant>,
-    Path((_, id)): Path<(String, String)>,
+    ApiPath((_, id)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
@@ -1324,12 +1372,7 @@ async fn volume_action(
             "Invalid snapshot: Snapshot status must be available",
         ));
     }
-    let d2 = d.clone();
-    let v2 = v.clone();
-    if tokio::task::spawn_blocking(move || d2.mounted(&v2))
-        .await
-        .unwrap_or(true)
-    {
+    if mounted_now(&d, &v).await {
         return Err(ApiError::bad_request(
             "Invalid volume: the volume is mounted; unmount it to revert it (its filesystem would be overwritten under the mount)",
         ));

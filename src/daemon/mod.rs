@@ -98,6 +98,22 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
+/// The record of a configured volume the API has not changed yet.
+fn configured_record(v: &config::Volume, created_us: i64) -> VolumeRecord {
+    VolumeRecord {
+        id: v.id.clone(),
+        kind: VolumeKind::Configured,
+        tenant: v.tenant.clone(),
+        status: VolStatus::Available,
+        display_name: v.display_name.clone(),
+        display_description: v.display_description.clone(),
+        metadata: BTreeMap::new(),
+        created_us,
+        size_bytes: 0,
+        error: None,
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -220,18 +236,7 @@ impl Daemon {
         for v in &self.config.volumes {
             cat.volumes
                 .entry(v.id.clone())
-                .or_insert_with(|| VolumeRecord {
-                    id: v.id.clone(),
-                    kind: VolumeKind::Configured,
-                    tenant: v.tenant.clone(),
-                    status: VolStatus::Available,
-                    display_name: v.display_name.clone(),
-                    display_description: v.display_description.clone(),
-                    metadata: BTreeMap::new(),
-                    created_us: crate::util::now_micros(),
-                    size_bytes: 0,
-                    error: None,
-                });
+                .or_insert_with(|| configured_record(v, crate::util::now_micros()));
         }
         for v in &volumes {
             let path = self.chain_path(&v.id);
@@ -377,18 +382,7 @@ impl Daemon {
                 .volumes
                 .get(&v.id)
                 .cloned()
-                .unwrap_or_else(|| VolumeRecord {
-                    id: v.id.clone(),
-                    kind: VolumeKind::Configured,
-                    tenant: v.tenant.clone(),
-                    status: VolStatus::Available,
-                    display_name: v.display_name.clone(),
-                    display_description: v.display_description.clone(),
-                    metadata: BTreeMap::new(),
-                    created_us: 0,
-                    size_bytes: 0,
-                    error: None,
-                });
+                .unwrap_or_else(|| configured_record(v, 0));
             out.push(VolumeInfo {
                 id: v.id.clone(),
                 device: Some(v.device.clone()),

@@ -11,6 +11,12 @@ use std::process::{Command, Output};
 
 use blocksnap::loopdev;
 
+/// A test that creates a mount namespace copies every mount that exists at
+/// that moment, and such a copy keeps a device busy after its test unmounts
+/// it. Tests that need a device free after unmounting hold this for reading,
+/// tests that create namespaces for writing.
+pub static MOUNT_NAMESPACES: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 /// Whether this test can run: true as root. Unprivileged, it prints why it
 /// skips, unless BLOCKSNAP_REQUIRE_ROOT_TESTS=1 (as in CI), where it fails.
 pub fn root(test: &str) -> bool {
@@ -161,6 +167,20 @@ pub fn cleanup_mounts_of(dev: &Path) {
                 let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
             }
         }
+    }
+}
+
+/// Whether the filesystem mounted at `mp` is frozen: a freeze attempt
+/// answers EBUSY. If the probe froze it, it is thawed again at once.
+pub fn is_frozen(mp: &Path) -> bool {
+    let dir = std::fs::File::open(mp).unwrap();
+    match blocksnap::sys::freeze(std::os::fd::AsFd::as_fd(&dir)) {
+        Ok(()) => {
+            blocksnap::sys::thaw(std::os::fd::AsFd::as_fd(&dir)).unwrap();
+            false
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => true,
+        Err(e) => panic!("freeze probe of {} failed: {e}", mp.display()),
     }
 }
 
