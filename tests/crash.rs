@@ -100,6 +100,13 @@ fn until_dead_or(d: &mut DaemonProc, mut done: impl FnMut(&DaemonProc) -> bool) 
     }
 }
 
+/// What the harness asked for, and whether the answer arrived.
+enum Issued {
+    Create { id: Option<String> },
+    Delete { id: String, accepted: bool },
+    Volume,
+}
+
 #[test]
 fn the_daemon_survives_sigkill_anywhere() {
     if !root("the_daemon_survives_sigkill_anywhere") {
@@ -121,12 +128,11 @@ fn the_daemon_survives_sigkill_anywhere() {
     );
     let mut d = DaemonProc::start("", &vols);
     let tmp = tempfile::tempdir().unwrap();
-    // Every available snapshot and the hash of its restored image.
+    // Every available snapshot: its volume and the hash of its restored image.
     let mut known: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut plan: Vec<(Op, &str)> = Vec::new();
     let mut hits: BTreeMap<String, usize> = BTreeMap::new();
-    let mut i = 0;
-    while i < n {
+    for i in 0..n {
         if plan.is_empty() {
             // One round over every point, in a seeded order.
             plan.extend(SNAPSHOT_POINTS.iter().map(|p| (Op::Snapshot, *p)));
@@ -162,7 +168,7 @@ fn the_daemon_survives_sigkill_anywhere() {
             }
         }
         // Deletes and volumes need an available snapshot to work on.
-        if (op != Op::Snapshot) && known.is_empty() {
+        if op != Op::Snapshot && known.is_empty() {
             let id = d.snapshot(vol, "base");
             let h = restore_hash(&d.chain(vol), &id, tmp.path());
             known.insert(id, (vol.to_string(), h));
@@ -188,61 +194,67 @@ fn the_daemon_survives_sigkill_anywhere() {
             .keys()
             .nth(rng.below(known.len().max(1) as u64) as usize)
             .cloned();
-        let mut created: Option<String> = None;
-        let mut deleted: Option<String> = None;
-        let mut made: Option<String> = None;
-        let crashed = match op {
+        // The job can crash the daemon before the answer to the request that
+        // started it is sent: a lost answer, as a real client may see.
+        let issued = match op {
             Op::Snapshot => {
-                let r = d.call(
+                let r = d.try_request(
                     "POST",
                     "/snapshots",
-                    Some(&format!(r#"{{"snapshot": {{"volume_id": "{vol}"}}}}"#)),
+                    &format!(r#"{{"snapshot": {{"volume_id": "{vol}"}}}}"#),
                 );
-                assert_eq!(r.status, 200, "{}", r.body);
-                let id = r.json()["snapshot"]["id"].as_str().unwrap().to_string();
-                created = Some(id.clone());
-                if point == "random" {
-                    std::thread::sleep(Duration::from_millis(rng.below(150)));
-                    d.kill9();
-                    true
-                } else {
-                    until_dead_or(&mut d, |d| {
-                        d.try_call("GET", &format!("/snapshots/{id}"))
-                            .is_some_and(|r| r.json()["snapshot"]["status"] != "creating")
-                    })
+                Issued::Create {
+                    id: r.map(|r| {
+                        assert_eq!(r.status, 200, "{}", r.body);
+                        r.json()["snapshot"]["id"].as_str().unwrap().to_string()
+                    }),
                 }
             }
             Op::Delete => {
                 let id = target.clone().unwrap();
-                let r = d.call("DELETE", &format!("/snapshots/{id}"), None);
-                assert_eq!(r.status, 202, "{}", r.body);
-                deleted = Some(id.clone());
-                if point == "random" {
-                    std::thread::sleep(Duration::from_millis(rng.below(50)));
-                    d.kill9();
-                    true
-                } else {
-                    until_dead_or(&mut d, |d| {
-                        d.try_call("GET", &format!("/snapshots/{id}"))
-                            .is_some_and(|r| r.status == 404)
-                    })
+                let r = d.try_request("DELETE", &format!("/snapshots/{id}"), "");
+                if let Some(r) = &r {
+                    assert_eq!(r.status, 202, "{}", r.body);
+                }
+                Issued::Delete {
+                    id,
+                    accepted: r.is_some(),
                 }
             }
             Op::Volume => {
                 let id = target.clone().unwrap();
-                let r = d.call(
+                if let Some(r) = d.try_request(
                     "POST",
                     "/volumes",
-                    Some(&format!(r#"{{"volume": {{"snapshot_id": "{id}"}}}}"#)),
-                );
-                assert_eq!(r.status, 200, "{}", r.body);
-                let vid = r.json()["volume"]["id"].as_str().unwrap().to_string();
-                made = Some(vid.clone());
-                until_dead_or(&mut d, |d| {
-                    d.try_call("GET", &format!("/volumes/{vid}"))
-                        .is_some_and(|r| r.json()["volume"]["status"] != "creating")
-                })
+                    &format!(r#"{{"volume": {{"snapshot_id": "{id}"}}}}"#),
+                ) {
+                    assert_eq!(r.status, 200, "{}", r.body);
+                }
+                Issued::Volume
             }
+        };
+        let crashed = if point == "random" {
+            std::thread::sleep(Duration::from_millis(rng.below(150)));
+            d.kill9();
+            true
+        } else {
+            until_dead_or(&mut d, |d| match &issued {
+                Issued::Create { id: Some(id) } => d
+                    .try_call("GET", &format!("/snapshots/{id}"))
+                    .is_some_and(|r| r.json()["snapshot"]["status"] != "creating"),
+                Issued::Delete { id, accepted: true } => d
+                    .try_call("GET", &format!("/snapshots/{id}"))
+                    .is_some_and(|r| r.status == 404),
+                Issued::Volume => d.try_call("GET", "/volumes/detail").is_some_and(|r| {
+                    !r.json()["volumes"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|v| v["status"] == "creating")
+                }),
+                // The answer was lost: the daemon is dying or dead.
+                _ => false,
+            })
         };
         if !crashed {
             // The point was not on this operation's path: crash now instead.
@@ -253,56 +265,86 @@ fn the_daemon_survives_sigkill_anywhere() {
         d.spawn();
         let ctx = format!("crash {i} (seed {seed}): {op:?} at {point}");
 
-        // Nothing frozen, and the filesystem is still there and writable.
+        // Nothing frozen; the filesystem still there and writable.
         assert!(!is_frozen(&m.dir), "{ctx}: filesystem left frozen");
         std::fs::write(m.dir.join("probe"), b"ok")
             .unwrap_or_else(|e| panic!("{ctx}: not writable: {e}"));
-        // No operation is left half-done.
-        for s in d.call("GET", "/snapshots/detail", None).json()["snapshots"]
+        // No operation left half-done; an accepted delete is complete.
+        let list = d.call("GET", "/snapshots/detail", None).json();
+        let listed: BTreeMap<String, String> = list["snapshots"]
             .as_array()
             .unwrap()
-        {
+            .iter()
+            .map(|s| {
+                (
+                    s["id"].as_str().unwrap().to_string(),
+                    s["status"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        for (id, status) in &listed {
             assert!(
-                s["status"] != "creating" && s["status"] != "deleting",
-                "{ctx}: snapshot {} still {} after restart",
-                s["id"],
-                s["status"]
+                status == "available" || status == "error",
+                "{ctx}: snapshot {id} is {status} after restart"
             );
         }
-        if let Some(id) = &created {
-            let s = d.call("GET", &format!("/snapshots/{id}"), None).json()["snapshot"].clone();
-            match s["status"].as_str() {
-                Some("error") => {
-                    assert_eq!(
-                        d.call("DELETE", &format!("/snapshots/{id}"), None).status,
-                        202
-                    );
-                    d.wait_snapshot(id);
-                }
-                Some("available") => {
-                    let h = restore_hash(&d.chain(vol), id, tmp.path());
-                    known.insert(id.clone(), (vol.to_string(), h));
-                }
-                other => panic!("{ctx}: interrupted snapshot is {other:?}"),
+        if let Issued::Delete { id, accepted } = &issued {
+            if *accepted {
+                assert!(
+                    !listed.contains_key(id),
+                    "{ctx}: an accepted delete did not complete"
+                );
+            }
+            if !listed.contains_key(id) {
+                known.remove(id);
             }
         }
-        if let Some(id) = &deleted {
+        // Every snapshot that was available still is, and restores exactly as before.
+        for (id, (v, h)) in &known {
             assert_eq!(
-                d.call("GET", &format!("/snapshots/{id}"), None).status,
-                404,
-                "{ctx}: an accepted delete did not complete: {}\n{}",
-                d.call("GET", &format!("/snapshots/{id}"), None).body,
-                d.log_text()
-                    .lines()
-                    .rev()
-                    .take(15)
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                listed.get(id).map(String::as_str),
+                Some("available"),
+                "{ctx}: snapshot {id}"
             );
-            known.remove(id);
+            assert_eq!(
+                &restore_hash(&d.chain(v), id, tmp.path()),
+                h,
+                "{ctx}: snapshot {id} restores differently"
+            );
         }
-        if let Some(vid) = &made {
-            let v = d.call("GET", &format!("/volumes/{vid}"), None).json()["volume"].clone();
+        // New snapshots: a committed one is kept, an interrupted one is error (and removed).
+        for (id, status) in &listed {
+            if known.contains_key(id) {
+                continue;
+            }
+            if let Issued::Create { id: Some(created) } = &issued {
+                assert_eq!(id, created, "{ctx}: a snapshot nobody asked for");
+            }
+            if status == "available" {
+                let h = restore_hash(&d.chain(vol), id, tmp.path());
+                known.insert(id.clone(), (vol.to_string(), h));
+            } else {
+                assert_eq!(
+                    d.call("DELETE", &format!("/snapshots/{id}"), None).status,
+                    202,
+                    "{ctx}"
+                );
+                assert!(
+                    d.wait_snapshot(id).is_null(),
+                    "{ctx}: error snapshot not deleted"
+                );
+            }
+        }
+        // Volumes made from snapshots: available or error, never half-made; removed again.
+        for v in d.call("GET", "/volumes/detail", None).json()["volumes"]
+            .as_array()
+            .unwrap()
+            .clone()
+        {
+            let vid = v["id"].as_str().unwrap();
+            if vid == "vol-a" || vid == "vol-b" {
+                continue;
+            }
             assert!(
                 v["status"] == "available" || v["status"] == "error",
                 "{ctx}: made volume is {}",
@@ -318,20 +360,6 @@ fn the_daemon_survives_sigkill_anywhere() {
                 "{ctx}: volume not deleted"
             );
         }
-        // Every snapshot that was available still is, and restores exactly as before.
-        for (id, (v, h)) in &known {
-            let s = d.call("GET", &format!("/snapshots/{id}"), None).json()["snapshot"].clone();
-            assert_eq!(
-                s["status"], "available",
-                "{ctx}: snapshot {id} is {}",
-                s["status"]
-            );
-            assert_eq!(
-                &restore_hash(&d.chain(v), id, tmp.path()),
-                h,
-                "{ctx}: snapshot {id} restores differently"
-            );
-        }
         for v in ["vol-a", "vol-b"] {
             if d.chain(v).exists() {
                 let out = cli(["chain".as_ref(), "verify".as_ref(), d.chain(v).as_os_str()]);
@@ -342,7 +370,7 @@ fn the_daemon_survives_sigkill_anywhere() {
                 );
             }
         }
-        // Keep the chain short.
+        // Keep the chains short.
         while known.len() > 5 {
             let id = known.keys().next().unwrap().clone();
             assert_eq!(
@@ -352,7 +380,6 @@ fn the_daemon_survives_sigkill_anywhere() {
             assert!(d.wait_snapshot(&id).is_null());
             known.remove(&id);
         }
-        i += 1;
     }
     eprintln!("crash harness: {hits:?}");
     for p in SNAPSHOT_POINTS

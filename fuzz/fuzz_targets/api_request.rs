@@ -71,15 +71,21 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut req) = req.body(Body::from(body)) else {
         return;
     };
-    req.extensions_mut().insert(Peer { uid: Some(0), pid: None });
+    req.extensions_mut().insert(Peer {
+        uid: Some(0),
+        pid: None,
+    });
     let resp = w.rt.block_on(w.router.clone().oneshot(req)).unwrap();
     let status = resp.status();
     assert!(status.as_u16() != 500, "internal error for {method} {path}");
     assert!(resp.headers().contains_key("x-compute-request-id"));
     // HEAD answers carry no body.
     if method != "HEAD" && (status.is_client_error() || status.is_server_error()) {
-        let bytes = w.rt.block_on(axum::body::to_bytes(resp.into_body(), 1 << 20)).unwrap();
-        let v: serde_json_value::Value = serde_json_value::from_slice(&bytes).expect("error body is JSON");
+        let bytes =
+            w.rt.block_on(axum::body::to_bytes(resp.into_body(), 1 << 20))
+                .unwrap();
+        let v: serde_json_value::Value =
+            serde_json_value::from_slice(&bytes).expect("error body is JSON");
         let m = v.as_object().expect("error body is an object");
         assert_eq!(m.len(), 1);
         let inner = m.values().next().unwrap();

@@ -40,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(b, after, "opening for writing changed the snapshots");
         }
         let again = Chain::open(&path, Access::Read).unwrap();
-        assert_eq!(again.snapshots().iter().map(|s| s.id).collect::<Vec<_>>(), after);
+        assert_eq!(
+            again.snapshots().iter().map(|s| s.id).collect::<Vec<_>>(),
+            after
+        );
     }
 });
 
@@ -48,8 +51,13 @@ fn tempfile_dir() -> std::path::PathBuf {
     // One directory per process, in memory when /dev/shm exists.
     static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
-        let d = std::path::PathBuf::from(base).join(format!("blocksnap-fuzz-{}", std::process::id()));
+        let base = if std::path::Path::new("/dev/shm").is_dir() {
+            "/dev/shm"
+        } else {
+            "/tmp"
+        };
+        let d =
+            std::path::PathBuf::from(base).join(format!("blocksnap-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
     })

@@ -525,6 +525,20 @@ impl DaemonProc {
         )
     }
 
+    /// A request that may meet a daemon that is dying: `None` if no answer came.
+    pub fn try_request(&self, method: &str, path: &str, body: &str) -> Option<Resp> {
+        let body = (!body.is_empty()).then_some(body);
+        try_http(
+            &self.socket,
+            method,
+            &format!("/v1/{TENANT}{path}"),
+            Some(TOKEN),
+            body,
+            &[],
+        )
+        .ok()
+    }
+
     /// A GET that may meet a daemon that is dying: `None` if it got no answer.
     pub fn try_call(&self, method: &str, path: &str) -> Option<Resp> {
         try_http(
