@@ -710,20 +710,27 @@ impl Chain {
         };
         // Stored bytes: this segment, plus data it references in segments
         // that are no longer live (merged forward by a delete).
-        let stored_bytes = seg.info.len
-            + match (seg.info.kind, self.index(i)) {
-                (SegmentKind::Merge, Ok(idx)) => idx
-                    .extents
-                    .iter()
-                    .filter_map(|x| match x.location {
-                        Location::Data(off) if off < seg.info.start => {
-                            Some(x.count as u64 * seg.info.block_size as u64)
-                        }
-                        _ => None,
-                    })
-                    .sum(),
-                _ => 0,
-            };
+        // Only a merge segment's index is read here (it is small and already
+        // loaded to apply the merge); other indexes stay on disk until a
+        // restore, verify or rebuild needs them.
+        let referenced = match seg.info.kind {
+            SegmentKind::Merge => self
+                .index(i)
+                .map(|idx| {
+                    idx.extents
+                        .iter()
+                        .filter_map(|x| match x.location {
+                            Location::Data(off) if off < seg.info.start => {
+                                Some(x.count as u64 * seg.info.block_size as u64)
+                            }
+                            _ => None,
+                        })
+                        .sum()
+                })
+                .unwrap_or(0),
+            _ => 0,
+        };
+        let stored_bytes = seg.info.len + referenced;
         Snapshot {
             id,
             seq: seg.info.seq,
