@@ -38,29 +38,37 @@ def flushbufs(dev):
     sh("blockdev", "--flushbufs", dev)
 
 
+TIME = "/usr/bin/time"
+
+
 def run_measured(argv, stdout=subprocess.DEVNULL):
-    """Run argv; return (seconds, peak RSS bytes, stdout text)."""
-    t0 = time.monotonic()
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE if stdout is None else stdout, stderr=subprocess.PIPE)
-    out = b""
-    if stdout is None:
-        out = p.stdout.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    dt = time.monotonic() - t0
-    err = p.stderr.read().decode(errors="replace")
-    p.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(argv)} failed: {err}")
-    return dt, ru.ru_maxrss * 1024, out.decode(errors="replace")
+    """Run argv; return (seconds, peak RSS bytes, stdout text).
+
+    The peak RSS comes from GNU time, not from wait4() here: a child forked
+    from this (large) Python process keeps the parent's high-water mark across
+    exec, which would inflate every figure by the driver's own memory.
+    """
+    with tempfile.NamedTemporaryFile(mode="r") as rss_file:
+        t0 = time.monotonic()
+        p = subprocess.run(
+            [TIME, "-f", "%M", "-o", rss_file.name, *argv],
+            stdout=subprocess.PIPE if stdout is None else stdout,
+            stderr=subprocess.PIPE,
+        )
+        dt = time.monotonic() - t0
+        if p.returncode != 0:
+            raise SystemExit(f"{' '.join(argv)} failed: {p.stderr.decode(errors='replace')}")
+        rss_kib = int(rss_file.read().strip().splitlines()[-1])
+    out = p.stdout.decode(errors="replace") if stdout is None else ""
+    return dt, rss_kib * 1024, out
 
 
 def cat_floor(dev):
     # `cat DEVICE > /dev/null`, as the issue defines the floor.
     t0 = time.monotonic()
     with open(os.devnull, "wb") as null:
-        p = subprocess.Popen(["cat", dev], stdout=null)
-        _, status, ru = os.wait4(p.pid, 0)
-    return time.monotonic() - t0, ru.ru_maxrss * 1024
+        subprocess.run(["cat", dev], stdout=null, check=True)
+    return time.monotonic() - t0, 0
 
 
 def allocated(path):
@@ -336,7 +344,7 @@ def main():
             f"| {case} | {mode} | {fmt_s(ours)} | {fmt_s(floor)} | `{fcmd}` | {ratio:.2f} | {human(rss)} | {human(wr)} | "
             f"{human(cache) if cache is not None else '-'} |"
         )
-    lines.append(f"\nFingerprint map of this device: {human(map_bytes)} (8 bytes per 4 KiB block; a take holds the old and the new one).\n")
+    lines.append(f"\nFingerprint map of this device: {human(map_bytes)} (8 bytes per 4 KiB block; a take holds one, updated in place).\n")
     lines.append("Stored bytes per increment:\n")
     lines.extend(notes)
     lines.append("\nFreeze window of a mounted filesystem (from `chain list --json`'s `freeze_ms`):\n")

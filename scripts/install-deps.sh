@@ -11,6 +11,7 @@ have losetup || need+=(mount)
 have fuser || need+=(psmisc)
 have curl || need+=(curl)
 have fincore || need+=(util-linux)
+[ -x /usr/bin/time ] || need+=(time)
 have systemd-analyze || need+=(systemd)
 have systemd-socket-activate || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
