@@ -5,7 +5,7 @@
 //! Nothing here has policy; callers decide what an error means.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 // Block device ioctls, from <linux/fs.h>.
 nix::ioctl_read!(ioctl_blkgetsize64, 0x12, 114, u64);
@@ -14,11 +14,6 @@ nix::ioctl_write_ptr_bad!(
     ioctl_blkzeroout,
     nix::request_code_none!(0x12, 127),
     [u64; 2]
-);
-nix::ioctl_read_bad!(
-    ioctl_blksszget,
-    nix::request_code_none!(0x12, 104),
-    libc::c_int
 );
 
 // Filesystem freeze, from <linux/fs.h>: _IOWR('X', 119, int) and _IOWR('X', 120, int).
@@ -30,19 +25,13 @@ const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
-const LOOP_CTL_REMOVE: libc::c_ulong = 0x4C81;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 nix::ioctl_none_bad!(ioctl_loop_clr_fd, LOOP_CLR_FD);
 nix::ioctl_none_bad!(ioctl_loop_set_capacity, LOOP_SET_CAPACITY);
 nix::ioctl_read_bad!(ioctl_loop_get_status64, LOOP_GET_STATUS64, LoopInfo64);
 nix::ioctl_write_ptr_bad!(ioctl_loop_configure, LOOP_CONFIGURE, LoopConfig);
 nix::ioctl_none_bad!(ioctl_loop_ctl_get_free, LOOP_CTL_GET_FREE);
-nix::ioctl_write_int_bad!(ioctl_loop_ctl_remove, LOOP_CTL_REMOVE);
 
-/// `LO_FLAGS_AUTOCLEAR`: detach the loop device on its last close.
-pub const LO_FLAGS_AUTOCLEAR: u32 = 4;
-/// `LO_FLAGS_DIRECT_IO`: the loop device reads its backing file with O_DIRECT.
-pub const LO_FLAGS_DIRECT_IO: u32 = 16;
 /// `LO_FLAGS_READ_ONLY`.
 pub const LO_FLAGS_READ_ONLY: u32 = 1;
 
@@ -108,14 +97,6 @@ pub fn block_device_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(size)
 }
 
-/// Logical sector size of a block device (`BLKSSZGET`).
-pub fn block_device_sector_size(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    let mut size: libc::c_int = 0;
-    // SAFETY: `fd` is valid for the call; `size` is a live c_int the kernel writes.
-    unsafe { ioctl_blksszget(fd.as_raw_fd(), &mut size) }.map_err(errno)?;
-    Ok(size as u32)
-}
-
 /// Write back and invalidate the block device's page cache (`BLKFLSBUF`).
 /// Pages still mapped by some process are skipped by the kernel, so callers
 /// drop their mappings first. Needs CAP_SYS_ADMIN.
@@ -158,13 +139,6 @@ pub fn loop_ctl_get_free(ctl: BorrowedFd<'_>) -> io::Result<u32> {
     // SAFETY: `ctl` is a valid descriptor of /dev/loop-control; the ioctl takes no argument.
     let n = unsafe { ioctl_loop_ctl_get_free(ctl.as_raw_fd()) }.map_err(errno)?;
     Ok(n as u32)
-}
-
-/// Remove loop device number `n` (it must be detached).
-pub fn loop_ctl_remove(ctl: BorrowedFd<'_>, n: u32) -> io::Result<()> {
-    // SAFETY: `ctl` is a valid descriptor of /dev/loop-control; the argument is an int by value.
-    unsafe { ioctl_loop_ctl_remove(ctl.as_raw_fd(), n as libc::c_int) }.map_err(errno)?;
-    Ok(())
 }
 
 /// Attach a backing file to a loop device in one step (`LOOP_CONFIGURE`).
@@ -291,9 +265,4 @@ pub fn boot_id() -> String {
 /// Whether the process has CAP_SYS_ADMIN-level privileges (is root).
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
-}
-
-/// Convenience: borrow any descriptor holder.
-pub fn fd<F: AsFd>(f: &F) -> BorrowedFd<'_> {
-    f.as_fd()
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::chain::format::{SegMeta, SegStats, SegmentKind, SourceId, DEFAULT_BLOCK_SIZE};
+use crate::chain::format::{SegMeta, SegStats, SegmentKind, SourceId};
 use crate::chain::writer::{SegmentPlan, SegmentWriter};
 use crate::chain::{side_file, Chain, ChainError, Snapshot};
 use crate::device::{DeviceError, DeviceMap, Identity, Source};
@@ -350,11 +350,6 @@ pub fn take(
         duration: started.elapsed(),
         quiesce: quiesce_desc,
     })
-}
-
-/// The default block size (see docs/FORMAT.md for how it was chosen).
-pub const fn default_block_size() -> u32 {
-    DEFAULT_BLOCK_SIZE
 }
 
 /// Why a scan should stop early: the freeze watchdog fired (own) or the

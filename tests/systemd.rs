@@ -137,11 +137,14 @@ fn ready_is_sent_only_once_the_socket_answers_and_the_watchdog_is_fed() {
     let mut child = Child(child);
     let mut buf = [0u8; 4096];
     let mut seen = Vec::new();
+    // STATUS= lines come whenever the status changes, READY=1's own included.
+    let mut status = false;
     // Until READY=1: nothing before it may claim readiness; right when it
     // arrives, the socket must answer.
     loop {
         let n = notify.recv(&mut buf).expect("no READY=1 within 30 s");
         let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        status |= msg.lines().any(|l| l.starts_with("STATUS="));
         if msg.lines().any(|l| l == "READY=1") {
             let r = http(&socket, "GET", "/healthz", None, None);
             assert_eq!(r.status, 200, "READY=1 was sent before the socket answered");
@@ -152,7 +155,6 @@ fn ready_is_sent_only_once_the_socket_answers_and_the_watchdog_is_fed() {
     // The watchdog (every WATCHDOG_USEC/2) and STATUS= lines follow.
     let start = Instant::now();
     let mut watchdogs = 0;
-    let mut status = false;
     while start.elapsed() < Duration::from_secs(3) && (watchdogs < 3 || !status) {
         let n = notify.recv(&mut buf).unwrap();
         let msg = String::from_utf8_lossy(&buf[..n]).to_string();

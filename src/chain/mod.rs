@@ -514,7 +514,7 @@ impl Chain {
                                 "segment at offset {pos} is missing its commit record but later snapshots exist"
                             ),
                         });
-                        self.adopt(pos, later);
+                        self.segments.extend(later);
                         pos = self.segments.last().map(|s| s.info.end()).unwrap_or(pos);
                         continue;
                     }
@@ -542,7 +542,7 @@ impl Chain {
                         pos = file_len;
                         break;
                     }
-                    self.adopt(pos, later);
+                    self.segments.extend(later);
                     pos = self.segments.last().map(|s| s.info.end()).unwrap_or(pos);
                 }
             }
@@ -552,10 +552,6 @@ impl Chain {
             self.end = file_len - self.torn_tail;
         }
         Ok(())
-    }
-
-    fn adopt(&mut self, _pos: u64, later: Vec<Segment>) {
-        self.segments.extend(later);
     }
 
     /// Walk footers back from the end of the file to `stop`, returning the

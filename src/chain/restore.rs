@@ -443,14 +443,6 @@ fn write_zeros(fd: std::os::fd::BorrowedFd<'_>, mut off: u64, mut len: u64) -> i
     }
     Ok(())
 }
-
-/// Whether `path` is a block device.
-pub fn is_block_device(path: &Path) -> bool {
-    std::fs::metadata(path)
-        .map(|m| m.file_type().is_block_device())
-        .unwrap_or(false)
-}
-
 #[cfg(test)]
 mod test_hooks {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -46,6 +46,8 @@ pub enum StartError {
     },
     #[error("a live blocksnapd already answers on {path}; stop it first")]
     SocketInUse { path: PathBuf },
+    #[error("cannot install the signal handlers")]
+    Signals(#[source] std::io::Error),
 }
 
 /// What is running on a volume.

@@ -114,10 +114,7 @@ fn main() -> ExitCode {
         );
         server::run(d, l)
             .await
-            .map_err(|e| blocksnap::daemon::StartError::Socket {
-                path: PathBuf::from("signal handler"),
-                source: e,
-            })
+            .map_err(blocksnap::daemon::StartError::Signals)
     });
     drop(demo);
     match result {
