@@ -44,6 +44,7 @@ struct RawDaemon {
     socket_group: Option<Spanned<String>>,
     allowed_uids: Option<Vec<u32>>,
     max_connections: Option<Spanned<usize>>,
+    max_made_volumes: Option<usize>,
     request_timeout_seconds: Option<Spanned<f64>>,
     log_level: Option<String>,
 }
@@ -110,6 +111,8 @@ pub struct Config {
     pub socket_group: Option<(String, u32)>,
     pub allowed_uids: Option<Vec<u32>>,
     pub max_connections: usize,
+    /// Volumes the API may make (each is a loop device and an image file).
+    pub max_made_volumes: usize,
     pub request_timeout: Duration,
     pub log_level: Option<String>,
     pub tokens: Vec<Token>,
@@ -468,6 +471,7 @@ impl Config {
             socket_group,
             allowed_uids: daemon.allowed_uids,
             max_connections,
+            max_made_volumes: daemon.max_made_volumes.unwrap_or(64),
             request_timeout,
             log_level: daemon.log_level,
             tokens,

@@ -281,49 +281,6 @@ impl Drop for TestUser {
     }
 }
 
-/// Make a request as `uid` from a forked child; `Err` if it could not connect.
-fn as_user(
-    uid: u32,
-    socket: &std::path::Path,
-    path: &str,
-    token: Option<&str>,
-) -> Result<u16, i32> {
-    let (mut rx, mut tx) = UnixStream::pair().unwrap();
-    let socket = socket.to_path_buf();
-    let path = path.to_string();
-    let token = token.map(str::to_string);
-    // SAFETY: the child drops privileges, makes one request and leaves with
-    // _exit; glibc keeps malloc usable after fork.
-    match unsafe { nix::unistd::fork() }.unwrap() {
-        nix::unistd::ForkResult::Child => {
-            let _ = nix::unistd::setgroups(&[]);
-            let _ = nix::unistd::setgid(nix::unistd::Gid::from_raw(uid));
-            let code = if nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).is_err() {
-                "E:-1".to_string()
-            } else {
-                match try_http(&socket, "GET", &path, token.as_deref(), None, &[]) {
-                    Ok(r) => format!("S:{}", r.status),
-                    Err(e) => format!("E:{}", e.raw_os_error().unwrap_or(0)),
-                }
-            };
-            let _ = tx.write_all(code.as_bytes());
-            // SAFETY: end the child without the parent's destructors.
-            unsafe { libc::_exit(0) };
-        }
-        nix::unistd::ForkResult::Parent { child } => {
-            drop(tx);
-            let mut s = String::new();
-            rx.read_to_string(&mut s).unwrap();
-            nix::sys::wait::waitpid(child, None).unwrap();
-            match s.split_once(':') {
-                Some(("S", v)) => Ok(v.parse().unwrap()),
-                Some(("E", v)) => Err(v.parse().unwrap()),
-                _ => panic!("child said {s:?}"),
-            }
-        }
-    }
-}
-
 #[test]
 fn a_non_root_peer_is_checked_by_uid_token_and_socket_mode() {
     if !root("a_non_root_peer_is_checked_by_uid_token_and_socket_mode") {
@@ -350,10 +307,13 @@ fn a_non_root_peer_is_checked_by_uid_token_and_socket_mode() {
         std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
-    assert_eq!(as_user(user.uid, &d.socket, &path, Some(TOKEN)), Ok(200));
-    assert_eq!(as_user(user.uid, &d.socket, &path, None), Ok(401));
     assert_eq!(
-        as_user(user.uid, &d.socket, &path, Some(TOKEN2)),
+        as_user_status(user.uid, &d.socket, &path, Some(TOKEN)),
+        Ok(200)
+    );
+    assert_eq!(as_user_status(user.uid, &d.socket, &path, None), Ok(401));
+    assert_eq!(
+        as_user_status(user.uid, &d.socket, &path, Some(TOKEN2)),
         Ok(400),
         "another tenant's token"
     );
@@ -365,7 +325,10 @@ fn a_non_root_peer_is_checked_by_uid_token_and_socket_mode() {
         std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
-    assert_eq!(as_user(user.uid, &d.socket, &path, Some(TOKEN)), Ok(403));
+    assert_eq!(
+        as_user_status(user.uid, &d.socket, &path, Some(TOKEN)),
+        Ok(403)
+    );
     assert_eq!(
         http(&d.socket, "GET", &path, Some(TOKEN), None).status,
         200,
@@ -381,7 +344,7 @@ fn a_non_root_peer_is_checked_by_uid_token_and_socket_mode() {
     )
     .unwrap();
     assert_eq!(
-        as_user(user.uid, &d.socket, &path, Some(TOKEN)),
+        as_user_status(user.uid, &d.socket, &path, Some(TOKEN)),
         Err(libc::EACCES)
     );
     // ...unless the socket's group is one of the user's.
@@ -423,7 +386,7 @@ fn a_non_root_peer_is_checked_by_uid_token_and_socket_mode() {
     assert_eq!(std::fs::metadata(&d.socket).unwrap().mode() & 0o777, 0o660);
     // The user's primary group is its own; as a member of nothing it still cannot connect.
     assert_eq!(
-        as_user(user.uid, &d.socket, &path, Some(TOKEN)),
+        as_user_status(user.uid, &d.socket, &path, Some(TOKEN)),
         Err(libc::EACCES)
     );
 }

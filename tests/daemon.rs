@@ -732,6 +732,28 @@ fn volumes_from_snapshots_and_revert_in_place() {
     );
     assert_eq!(r.status, 400);
 
+    // A blank volume: a sparse 1 GB image on a loop device.
+    let r = d.call(
+        "POST",
+        "/volumes",
+        Some(r#"{"volume": {"size": 1, "display_name": "blank"}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let blank = r.json()["volume"]["id"].as_str().unwrap().to_string();
+    let v = d.wait_volume(&blank, &["creating"]);
+    assert_eq!(v["status"], "available", "{v}");
+    assert_eq!(v["size"], 1);
+    let bdev = v["metadata"]["blocksnap:device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(read_all(Path::new(&bdev)).iter().all(|&b| b == 0));
+    assert_eq!(
+        d.call("DELETE", &format!("/volumes/{blank}"), None).status,
+        202
+    );
+    assert!(d.wait_volume(&blank, &["deleting"]).is_null());
+
     // Delete the made volume: detached and removed.
     assert_eq!(
         d.call("DELETE", &format!("/volumes/{made}"), None).status,
@@ -837,73 +859,19 @@ fn tenants_see_only_their_own_and_peers_are_checked() {
         .unwrap()
         .expect("user nobody");
     let uid = nobody.uid.as_raw();
-    let out = run_as(uid, || {
-        try_http(
-            &d.socket,
-            "GET",
-            &format!("/v1/{TENANT}/snapshots"),
-            Some(TOKEN),
-            None,
-            &[],
-        )
-    });
-    let r = out.expect("nobody can connect to a 0666 socket");
+    let r = as_user(
+        uid,
+        &d.socket,
+        &format!("/v1/{TENANT}/snapshots"),
+        Some(TOKEN),
+    )
+    .expect("nobody can connect to a 0666 socket");
     assert_eq!((r.status, r.error().0.as_str()), (403, "forbidden"));
     // With mode 0600 it cannot even connect.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = run_as(uid, || {
-        try_http(&d.socket, "GET", "/healthz", None, None, &[])
-    });
-    assert_eq!(
-        out.unwrap_err().kind(),
-        std::io::ErrorKind::PermissionDenied
-    );
-}
-
-/// Run `f` in a child process with the given uid; returns what it returned.
-fn run_as(uid: u32, f: impl FnOnce() -> std::io::Result<Resp>) -> std::io::Result<Resp> {
-    use std::io::{Read, Write};
-    let (mut rx, mut tx) = std::os::unix::net::UnixStream::pair().unwrap();
-    // SAFETY: the child only drops privileges, runs `f` (plain socket I/O)
-    // and writes the result to a pipe before _exit; it touches no locks the
-    // parent's other threads might hold except the allocator's, which is
-    // fork-safe in glibc.
-    match unsafe { nix::unistd::fork() }.unwrap() {
-        nix::unistd::ForkResult::Child => {
-            drop(rx);
-            let ok = nix::unistd::setgid(nix::unistd::Gid::from_raw(65534)).is_ok()
-                && nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).is_ok();
-            let msg = if !ok {
-                "E:setuid".to_string()
-            } else {
-                match f() {
-                    Ok(r) => format!("R:{}\n{}", r.status, r.body),
-                    Err(e) => format!("E:{}", e.raw_os_error().unwrap_or(0)),
-                }
-            };
-            let _ = tx.write_all(msg.as_bytes());
-            // SAFETY: leave the forked child without running the parent's destructors.
-            unsafe { libc::_exit(0) };
-        }
-        nix::unistd::ForkResult::Parent { child } => {
-            drop(tx);
-            let mut s = String::new();
-            rx.read_to_string(&mut s).unwrap();
-            nix::sys::wait::waitpid(child, None).unwrap();
-            if let Some(e) = s.strip_prefix("E:") {
-                let code: i32 = e.parse().unwrap_or_else(|_| panic!("child failed: {s}"));
-                return Err(std::io::Error::from_raw_os_error(code));
-            }
-            let rest = s.strip_prefix("R:").unwrap();
-            let (status, body) = rest.split_once('\n').unwrap();
-            Ok(Resp {
-                status: status.parse().unwrap(),
-                headers: Vec::new(),
-                body: body.to_string(),
-            })
-        }
-    }
+    let out = as_user(uid, &d.socket, "/healthz", None);
+    assert_eq!(out.map(|r| r.status), Err(libc::EACCES));
 }
 
 #[test]
@@ -1022,5 +990,30 @@ fn a_state_directory_on_a_configured_volume_is_refused() {
     assert!(
         err.contains(":2:") && err.contains("state_dir") && err.contains("another filesystem"),
         "{err}"
+    );
+}
+
+#[test]
+fn the_number_of_made_volumes_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_volume(dir.path(), 1 << 20);
+    let d = DaemonProc::start("max_made_volumes = 0", &volume_toml(VOL, &img, ""));
+    let snap = d.snapshot(VOL, "s");
+    for body in [
+        r#"{"volume": {"size": 1}}"#.to_string(),
+        format!(r#"{{"volume": {{"snapshot_id": "{snap}"}}}}"#),
+    ] {
+        let r = d.call("POST", "/volumes", Some(&body));
+        assert_eq!(r.status, 413, "{}", r.body);
+        let (name, message) = r.error();
+        assert_eq!(name, "overLimit");
+        assert!(message.contains("max_made_volumes"), "{message}");
+    }
+    assert_eq!(
+        d.call("GET", "/volumes", None).json()["volumes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
     );
 }

@@ -48,25 +48,6 @@ fn take_q(dev: &Path, chain: &Path, intents: &Path, extra: &[&str]) -> String {
     last_line(&cli_ok(take_args(dev, chain, intents, extra)))
 }
 
-/// Restore `id` into an image, attach it read-only and mount it read-only.
-struct Restored {
-    _dir: tempfile::TempDir,
-    image: PathBuf,
-}
-
-fn restore_image(chain: &Path, id: &str) -> Restored {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("restored.img");
-    cli_ok([
-        "chain".as_ref(),
-        "restore".as_ref(),
-        chain.as_os_str(),
-        id.as_ref(),
-        image.as_os_str(),
-    ]);
-    Restored { _dir: dir, image }
-}
-
 fn list_json(chain: &Path) -> Vec<serde_json::Value> {
     serde_json::from_str(&cli_ok([
         "chain".as_ref(),

@@ -23,10 +23,11 @@ fn world() -> &'static World {
         let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
         let dir = std::path::PathBuf::from(base).join(format!("blocksnap-fuzz-api-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        cleanup_at_exit(dir.clone());
         let img = dir.join("vol.img");
         std::fs::write(&img, vec![7u8; 64 << 10]).unwrap();
         let text = format!(
-            "[daemon]\nsocket = \"{d}/s.sock\"\nstate_dir = \"{d}/state\"\n[[tokens]]\ntenant = \"t\"\ntoken = \"fuzz-token\"\n[[volumes]]\nid = \"vol\"\ndevice = \"{img}\"\nquiesce = \"none\"\n",
+            "[daemon]\nsocket = \"{d}/s.sock\"\nstate_dir = \"{d}/state\"\nmax_made_volumes = 0\n[[tokens]]\ntenant = \"t\"\ntoken = \"fuzz-token\"\n[[volumes]]\nid = \"vol\"\ndevice = \"{img}\"\nquiesce = \"none\"\n",
             d = dir.display(),
             img = img.display()
         );
@@ -95,4 +96,17 @@ fuzz_target!(|data: &[u8]| {
 
 mod serde_json_value {
     pub use serde_json::{from_slice, Value};
+}
+
+/// Remove the fuzzing directory when libFuzzer exits (it calls exit()).
+fn cleanup_at_exit(dir: std::path::PathBuf) {
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    let _ = DIR.set(dir);
+    extern "C" fn remove() {
+        if let Some(d) = DIR.get() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    // SAFETY: registers a plain function with no arguments to run at exit.
+    unsafe { libc::atexit(remove) };
 }

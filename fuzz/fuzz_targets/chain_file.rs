@@ -59,6 +59,13 @@ fn tempfile_dir() -> std::path::PathBuf {
         let d =
             std::path::PathBuf::from(base).join(format!("blocksnap-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
+        extern "C" fn remove() {
+            if let Some(d) = DIR.get() {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+        // SAFETY: registers a plain function with no arguments to run at exit.
+        unsafe { libc::atexit(remove) };
         d
     })
     .clone()

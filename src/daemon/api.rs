@@ -387,6 +387,11 @@ fn wrapped(body: Value, key: &str) -> ApiResult<Value> {
     }
 }
 
+/// Read a JSON body, take its `key` object and deserialize it strictly.
+async fn parse<T: DeserializeOwned>(headers: &HeaderMap, body: Body, key: &str) -> ApiResult<T> {
+    typed(key, wrapped(read_json(headers, body).await?, key)?)
+}
+
 /// Deserialize strictly; the message names the field at fault.
 fn typed<T: DeserializeOwned>(key: &str, v: Value) -> ApiResult<T> {
     serde_path_to_error::deserialize(v).map_err(|e| {
@@ -682,10 +687,7 @@ async fn snapshot_create(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
-    let req: SnapshotCreate = typed(
-        "snapshot",
-        wrapped(read_json(&headers, body).await?, "snapshot")?,
-    )?;
+    let req: SnapshotCreate = parse(&headers, body, "snapshot").await?;
     let force = parse_force(req.force.as_ref())?;
     check_text("display_name", &req.display_name)?;
     check_text("display_description", &req.display_description)?;
@@ -761,10 +763,7 @@ async fn snapshot_update(
     body: Body,
 ) -> ApiResult<Json<Value>> {
     let r = find_snapshot(&d, &t, &id)?;
-    let req: SnapshotUpdate = typed(
-        "snapshot",
-        wrapped(read_json(&headers, body).await?, "snapshot")?,
-    )?;
+    let req: SnapshotUpdate = parse(&headers, body, "snapshot").await?;
     check_text("display_name", &req.display_name)?;
     check_text("display_description", &req.display_description)?;
     let updated = d.update(|c| {
@@ -822,10 +821,7 @@ async fn meta_get_all(
 }
 
 async fn meta_body(headers: &HeaderMap, body: Body) -> ApiResult<BTreeMap<String, String>> {
-    let m: BTreeMap<String, String> = typed(
-        "metadata",
-        wrapped(read_json(headers, body).await?, "metadata")?,
-    )?;
+    let m: BTreeMap<String, String> = parse(headers, body, "metadata").await?;
     check_metadata(&m)?;
     Ok(m)
 }
@@ -892,8 +888,7 @@ async fn meta_put(
     body: Body,
 ) -> ApiResult<Json<Value>> {
     let r = find_snapshot(&d, &t, &id)?;
-    let m: BTreeMap<String, String> =
-        typed("meta", wrapped(read_json(&headers, body).await?, "meta")?)?;
+    let m: BTreeMap<String, String> = parse(&headers, body, "meta").await?;
     if m.len() > 1 {
         return Err(ApiError::bad_request(
             "Request body contains too many items",
@@ -1105,10 +1100,7 @@ async fn volume_create(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
-    let req: VolumeCreate = typed(
-        "volume",
-        wrapped(read_json(&headers, body).await?, "volume")?,
-    )?;
+    let req: VolumeCreate = parse(&headers, body, "volume").await?;
     check_text("display_name", &req.display_name)?;
     check_text("display_description", &req.display_description)?;
     let mut metadata = req.metadata.unwrap_or_default();
@@ -1171,6 +1163,22 @@ async fn volume_create(
             (None, n * GB, None)
         }
     };
+    // Each made volume is a loop device and an image file: bounded.
+    let made = d.read(|c| {
+        c.volumes
+            .values()
+            .filter(|v| matches!(v.kind, VolumeKind::Made { .. }))
+            .count()
+    });
+    if made >= d.config.max_made_volumes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "VolumeLimitExceeded: Maximum number of volumes allowed ({}) exceeded (max_made_volumes)",
+                d.config.max_made_volumes
+            ),
+        ));
+    }
     let id = Uuid::new_v4().to_string();
     let image = d.volumes_dir().join(format!("{id}.img"));
     metadata.remove("blocksnap:device");
@@ -1239,10 +1247,7 @@ async fn volume_update(
     body: Body,
 ) -> ApiResult<Json<Value>> {
     let v = find_volume(&d, &t, &id)?;
-    let req: VolumeUpdate = typed(
-        "volume",
-        wrapped(read_json(&headers, body).await?, "volume")?,
-    )?;
+    let req: VolumeUpdate = parse(&headers, body, "volume").await?;
     check_text("display_name", &req.display_name)?;
     check_text("display_description", &req.display_description)?;
     if let Some(m) = &req.metadata {

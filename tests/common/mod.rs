@@ -789,9 +789,14 @@ pub fn volume_toml(id: &str, device: &Path, extra: &str) -> String {
     )
 }
 
-/// Restore a snapshot of an ext4 volume, check it with fsck.ext4 -n and mount
-/// it read-only; returns the guards (mount first) and the mount point.
-pub fn restore_and_mount(chain: &Path, id: &str) -> (Mounted, Loop, tempfile::TempDir) {
+/// A snapshot restored into an image file in its own temporary directory.
+pub struct Restored {
+    _dir: tempfile::TempDir,
+    pub image: PathBuf,
+}
+
+/// Restore snapshot `id` of `chain` into a new image file.
+pub fn restore_image(chain: &Path, id: &str) -> Restored {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("restored.img");
     cli_ok([
@@ -801,6 +806,14 @@ pub fn restore_and_mount(chain: &Path, id: &str) -> (Mounted, Loop, tempfile::Te
         id.as_ref(),
         image.as_os_str(),
     ]);
+    Restored { _dir: dir, image }
+}
+
+/// Restore a snapshot of an ext4 volume, check it with fsck.ext4 -n and mount
+/// it read-only; returns the guards (mount first) and the restored image.
+pub fn restore_and_mount(chain: &Path, id: &str) -> (Mounted, Loop, Restored) {
+    let restored = restore_image(chain, id);
+    let image = restored.image.clone();
     let check = Command::new("fsck.ext4")
         .args(["-n", "-f"])
         .arg(&image)
@@ -813,5 +826,61 @@ pub fn restore_and_mount(chain: &Path, id: &str) -> (Mounted, Loop, tempfile::Te
     );
     let l = Loop::from_image(&image);
     let m = Mounted::new(&l.dev, "ext4", "ro");
-    (m, l, dir)
+    (m, l, restored)
+}
+
+/// Make a request as user `uid` (group `uid` too) from a forked child.
+/// `Err(errno)` if it could not connect.
+pub fn as_user(uid: u32, socket: &Path, path: &str, token: Option<&str>) -> Result<Resp, i32> {
+    use std::io::Read;
+    let (mut rx, mut tx) = std::os::unix::net::UnixStream::pair().unwrap();
+    // SAFETY: the child drops privileges, makes one request, writes the
+    // answer to a socket and leaves with _exit; glibc keeps malloc usable
+    // after fork.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            drop(rx);
+            let _ = nix::unistd::setgroups(&[]);
+            let _ = nix::unistd::setgid(nix::unistd::Gid::from_raw(uid));
+            let msg = if nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).is_err() {
+                "E:-1".to_string()
+            } else {
+                match try_http(socket, "GET", path, token, None, &[]) {
+                    Ok(r) => format!("S:{}\n{}", r.status, r.body),
+                    Err(e) => format!("E:{}", e.raw_os_error().unwrap_or(0)),
+                }
+            };
+            let _ = tx.write_all(msg.as_bytes());
+            // SAFETY: end the child without running the parent's destructors.
+            unsafe { libc::_exit(0) };
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(tx);
+            let mut s = String::new();
+            rx.read_to_string(&mut s).unwrap();
+            nix::sys::wait::waitpid(child, None).unwrap();
+            if let Some(e) = s.strip_prefix("E:") {
+                return Err(e.parse().unwrap_or_else(|_| panic!("child said {s:?}")));
+            }
+            let (status, body) = s
+                .strip_prefix("S:")
+                .and_then(|r| r.split_once('\n'))
+                .expect("child answer");
+            Ok(Resp {
+                status: status.parse().unwrap(),
+                headers: Vec::new(),
+                body: body.to_string(),
+            })
+        }
+    }
+}
+
+/// The status of a request made as user `uid`.
+pub fn as_user_status(
+    uid: u32,
+    socket: &Path,
+    path: &str,
+    token: Option<&str>,
+) -> Result<u16, i32> {
+    as_user(uid, socket, path, token).map(|r| r.status)
 }
