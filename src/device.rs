@@ -117,18 +117,7 @@ impl Source {
             flags |= libc::O_EXCL;
         }
         opts.custom_flags(flags);
-        let file = opts.open(path).map_err(|source| {
-            if source.raw_os_error() == Some(libc::EBUSY) {
-                DeviceError::Busy {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                DeviceError::Open {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            }
-        })?;
+        let file = opts.open(path).map_err(|e| open_error(path, e))?;
         Source::from_file(path, file)
     }
 
@@ -140,18 +129,7 @@ impl Source {
             .write(true)
             .custom_flags(libc::O_CLOEXEC | libc::O_EXCL)
             .open(path)
-            .map_err(|source| {
-                if source.raw_os_error() == Some(libc::EBUSY) {
-                    DeviceError::Busy {
-                        path: path.to_path_buf(),
-                    }
-                } else {
-                    DeviceError::Open {
-                        path: path.to_path_buf(),
-                        source,
-                    }
-                }
-            })?;
+            .map_err(|e| open_error(path, e))?;
         let md = file.metadata().map_err(|source| DeviceError::Open {
             path: path.to_path_buf(),
             source,
@@ -249,6 +227,20 @@ impl Source {
             mmap,
             registration,
         })
+    }
+}
+
+/// EBUSY on open means mounted or held exclusively by someone else.
+fn open_error(path: &Path, source: io::Error) -> DeviceError {
+    if source.raw_os_error() == Some(libc::EBUSY) {
+        DeviceError::Busy {
+            path: path.to_path_buf(),
+        }
+    } else {
+        DeviceError::Open {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 

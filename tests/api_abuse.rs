@@ -295,18 +295,20 @@ fn a_non_root_peer_is_checked_by_uid_token_and_socket_mode() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let vols = volume_toml(VOL, &img, "");
     let path = format!("/v1/{TENANT}/snapshots");
+    // A daemon whose socket directory the user can reach.
+    let start = |extra: &str| {
+        let d = DaemonProc::start(extra, &vols);
+        for dir in [d.dir.path(), d.socket.parent().unwrap()] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        d
+    };
 
     // Allowed uid and a good token: 200; no token: 401; not in allowed_uids: 403.
-    let d = DaemonProc::start(
-        &format!("socket_mode = \"0666\"\nallowed_uids = [0, {}]", user.uid),
-        &vols,
-    );
-    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(
-        d.socket.parent().unwrap(),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    let d = start(&format!(
+        "socket_mode = \"0666\"\nallowed_uids = [0, {}]",
+        user.uid
+    ));
     assert_eq!(
         as_user_status(user.uid, &d.socket, &path, Some(TOKEN)),
         Ok(200)
@@ -318,13 +320,7 @@ fn a_non_root_peer_is_checked_by_uid_token_and_socket_mode() {
         "another tenant's token"
     );
     drop(d);
-    let d = DaemonProc::start("socket_mode = \"0666\"\nallowed_uids = [0]", &vols);
-    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(
-        d.socket.parent().unwrap(),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    let d = start("socket_mode = \"0666\"\nallowed_uids = [0]");
     assert_eq!(
         as_user_status(user.uid, &d.socket, &path, Some(TOKEN)),
         Ok(403)
@@ -336,13 +332,7 @@ fn a_non_root_peer_is_checked_by_uid_token_and_socket_mode() {
     );
     drop(d);
     // Socket mode 0660 owned by root's group: the user cannot even connect.
-    let d = DaemonProc::start("socket_mode = \"0660\"", &vols);
-    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(
-        d.socket.parent().unwrap(),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    let d = start("socket_mode = \"0660\"");
     assert_eq!(
         as_user_status(user.uid, &d.socket, &path, Some(TOKEN)),
         Err(libc::EACCES)
@@ -362,16 +352,9 @@ fn a_non_root_peer_is_checked_by_uid_token_and_socket_mode() {
     }
     let _g = Group(gname.clone());
     drop(d);
-    let d = DaemonProc::start(
-        &format!("socket_mode = \"0660\"\nsocket_group = \"{gname}\""),
-        &vols,
-    );
-    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(
-        d.socket.parent().unwrap(),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    let d = start(&format!(
+        "socket_mode = \"0660\"\nsocket_group = \"{gname}\""
+    ));
     use std::os::unix::fs::MetadataExt;
     let gid = nix::unistd::Group::from_name(&gname)
         .unwrap()
