@@ -732,6 +732,7 @@ async fn snapshot_create(
         display_description: req.display_description.unwrap_or_default(),
         metadata,
         created_us: now_micros(),
+        updated_us: 0,
         size_bytes: size,
         error: None,
         changed_bytes: 0,
@@ -1195,6 +1196,7 @@ async fn volume_create(
         display_description: req.display_description.unwrap_or_default(),
         metadata,
         created_us: now_micros(),
+        updated_us: 0,
         size_bytes,
         error: None,
     };

@@ -51,6 +51,9 @@ pub struct SnapshotRecord {
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
     pub created_us: i64,
+    /// Last change of the record (0: never changed since it was made).
+    #[serde(default)]
+    pub updated_us: i64,
     /// Volume size in bytes when the snapshot was requested.
     pub size_bytes: u64,
     #[serde(default)]
@@ -117,6 +120,9 @@ pub struct VolumeRecord {
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
     pub created_us: i64,
+    /// Last change of the record (0: never changed since it was made).
+    #[serde(default)]
+    pub updated_us: i64,
     pub size_bytes: u64,
     #[serde(default)]
     pub error: Option<String>,
@@ -196,6 +202,7 @@ mod tests {
                 display_description: String::new(),
                 metadata: BTreeMap::new(),
                 created_us: 1,
+                updated_us: 0,
                 size_bytes: 2,
                 error: None,
                 changed_bytes: 0,

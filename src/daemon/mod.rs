@@ -5,6 +5,7 @@ pub mod api;
 pub mod catalog;
 pub mod metrics;
 pub mod server;
+pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -111,6 +112,7 @@ fn configured_record(v: &config::Volume, created_us: i64) -> VolumeRecord {
         display_description: v.display_description.clone(),
         metadata: BTreeMap::new(),
         created_us,
+        updated_us: 0,
         size_bytes: 0,
         error: None,
     }
@@ -312,6 +314,7 @@ impl Daemon {
                         display_description: s.description.clone(),
                         metadata: s.metadata.clone(),
                         created_us: s.created_us,
+                        updated_us: 0,
                         size_bytes: s.device_size,
                         error: None,
                         changed_bytes: s.changed_bytes,
