@@ -1,0 +1,291 @@
+//! Resolving a snapshot into the runs of blocks that make up its image.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::format::*;
+use super::{Chain, ChainError, Snapshot};
+use crate::fingerprint::{FingerprintMap, ZeroPrints};
+
+/// Where one run of a snapshot's image comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Zero,
+    /// Stored bytes at `offset` in the chain file; `segment` and `meta` locate
+    /// the per-block crc32s and fingerprints in that segment's index.
+    Data {
+        offset: u64,
+        segment: usize,
+        meta: u32,
+    },
+}
+
+/// A run of blocks of an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub block: u64,
+    pub count: u64,
+    pub source: Source,
+}
+
+/// How to build the image of one snapshot: runs sorted by block, covering
+/// every block exactly once.
+#[derive(Debug)]
+pub struct Plan {
+    pub snapshot: Snapshot,
+    pub block_size: u32,
+    pub runs: Vec<Run>,
+    indexes: HashMap<usize, Arc<Index>>,
+}
+
+impl Plan {
+    pub fn device_size(&self) -> u64 {
+        self.snapshot.device_size
+    }
+
+    /// Bytes of block `block` in the image (the last block may be short).
+    pub fn block_len(&self, block: u64) -> u64 {
+        let bs = self.block_size as u64;
+        (self.device_size() - block * bs).min(bs)
+    }
+
+    /// crc32 and fingerprint of a stored block.
+    pub fn block_check(&self, segment: usize, meta: u32) -> (u32, u64) {
+        let idx = &self.indexes[&segment];
+        (idx.crcs[meta as usize], idx.prints[meta as usize])
+    }
+
+    /// The fingerprint of every block of the image.
+    pub fn fingerprints(&self, seed: u64) -> Vec<u64> {
+        let bs = self.block_size as u64;
+        let n = self.device_size().div_ceil(bs);
+        let zero = ZeroPrints::new(seed, self.block_size as usize);
+        let mut out = vec![0u64; n as usize];
+        for r in &self.runs {
+            for i in 0..r.count {
+                let b = r.block + i;
+                out[b as usize] = match r.source {
+                    Source::Zero => zero.get(self.block_len(b) as usize),
+                    Source::Data { segment, meta, .. } => {
+                        self.indexes[&segment].prints[meta as usize + i as usize]
+                    }
+                };
+            }
+        }
+        out
+    }
+}
+
+impl Chain {
+    /// The extents that make up snapshot `id`'s image. Each block of the
+    /// image appears exactly once, taken from the newest segment at or before
+    /// the snapshot that holds it.
+    pub fn resolve(&self, id: Uuid) -> Result<Plan, ChainError> {
+        let pos = self
+            .snapshots
+            .iter()
+            .position(|s| s.id == id)
+            .ok_or_else(|| ChainError::UnknownSnapshot {
+                path: self.path.clone(),
+                id: id.to_string(),
+            })?;
+        let target = self.snapshots[pos].clone();
+        let bs = self.block_size() as u64;
+        let nblocks = target.device_size.div_ceil(bs);
+        let mut filled = Bitmap::new(nblocks);
+        let mut remaining = nblocks;
+        let mut runs = Vec::new();
+        let mut indexes = HashMap::new();
+        for snap in self.snapshots[..=pos].iter().rev() {
+            if remaining == 0 {
+                break;
+            }
+            let seg = snap.segment;
+            let idx = self.index(seg)?;
+            for x in &idx.extents {
+                let end = x.end_block().min(nblocks);
+                let mut b = x.block;
+                while b < end {
+                    let Some(start) = filled.next_clear(b, end) else {
+                        break;
+                    };
+                    let stop = filled.next_set(start, end).unwrap_or(end);
+                    filled.set_range(start, stop);
+                    remaining -= stop - start;
+                    let delta = start - x.block;
+                    let source = match x.location {
+                        Location::Zero => Source::Zero,
+                        Location::Data(off) => Source::Data {
+                            offset: off + delta * bs,
+                            segment: seg,
+                            meta: x.meta + delta as u32,
+                        },
+                    };
+                    runs.push(Run {
+                        block: start,
+                        count: stop - start,
+                        source,
+                    });
+                    b = stop;
+                }
+            }
+            indexes.insert(seg, idx);
+            if self.segments[seg].info.is_full() {
+                break;
+            }
+        }
+        if remaining != 0 {
+            return Err(ChainError::SnapshotDamaged {
+                path: self.path.clone(),
+                id,
+                detail: format!("{remaining} blocks are not stored in any segment"),
+            });
+        }
+        runs.sort_by_key(|r| r.block);
+        Ok(Plan {
+            snapshot: target,
+            block_size: self.block_size(),
+            runs,
+            indexes,
+        })
+    }
+
+    /// [`Chain::resolve`], refusing a snapshot whose segment is damaged (its
+    /// header, commit record or footer did not check out).
+    pub fn resolve_intact(&self, id: Uuid) -> Result<Plan, ChainError> {
+        let plan = self.resolve(id)?;
+        match &plan.snapshot.damaged {
+            Some(detail) => Err(ChainError::SnapshotDamaged {
+                path: self.path.clone(),
+                id,
+                detail: detail.clone(),
+            }),
+            None => Ok(plan),
+        }
+    }
+
+    /// The fingerprint map of the newest snapshot: from the side file when it
+    /// matches, otherwise rebuilt from the chain's indexes.
+    pub fn newest_fingerprints(
+        &self,
+        side_file: &Path,
+    ) -> Result<Option<FingerprintMap>, ChainError> {
+        let Some(newest) = self.newest() else {
+            return Ok(None);
+        };
+        match FingerprintMap::load(side_file, self.chain_id()) {
+            Ok(Some(m))
+                if m.snapshot_id == newest.id
+                    && m.device_size == newest.device_size
+                    && m.block_size == self.block_size()
+                    && m.seed == self.seed()
+                    && m.prints.len() as u64
+                        == newest.device_size.div_ceil(self.block_size() as u64) =>
+            {
+                return Ok(Some(m));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                "{}; rebuilding it from the chain",
+                crate::util::error_chain(&e)
+            ),
+        }
+        let plan = self.resolve(newest.id)?;
+        Ok(Some(FingerprintMap {
+            chain_id: self.chain_id(),
+            snapshot_id: newest.id,
+            device_size: newest.device_size,
+            block_size: self.block_size(),
+            seed: self.seed(),
+            prints: plan.fingerprints(self.seed()),
+        }))
+    }
+}
+
+/// A plain bitmap over blocks.
+#[derive(Debug)]
+pub(crate) struct Bitmap {
+    words: Vec<u64>,
+}
+
+impl Bitmap {
+    pub(crate) fn new(bits: u64) -> Bitmap {
+        Bitmap {
+            words: vec![0; bits.div_ceil(64) as usize],
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn get(&self, i: u64) -> bool {
+        self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    pub(crate) fn set_range(&mut self, from: u64, to: u64) {
+        let mut i = from;
+        while i < to {
+            if i % 64 == 0 && to - i >= 64 {
+                self.words[(i / 64) as usize] = u64::MAX;
+                i += 64;
+            } else {
+                self.words[(i / 64) as usize] |= 1 << (i % 64);
+                i += 1;
+            }
+        }
+    }
+
+    /// First clear bit in `[from, to)`.
+    pub(crate) fn next_clear(&self, from: u64, to: u64) -> Option<u64> {
+        let mut i = from;
+        while i < to {
+            let w = self.words[(i / 64) as usize];
+            if w == u64::MAX && i % 64 == 0 {
+                i += 64;
+                continue;
+            }
+            if w & (1 << (i % 64)) == 0 {
+                return Some(i);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// First set bit in `[from, to)`.
+    pub(crate) fn next_set(&self, from: u64, to: u64) -> Option<u64> {
+        let mut i = from;
+        while i < to {
+            let w = self.words[(i / 64) as usize];
+            if w == 0 && i % 64 == 0 {
+                i += 64;
+                continue;
+            }
+            if w & (1 << (i % 64)) != 0 {
+                return Some(i);
+            }
+            i += 1;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_runs() {
+        let mut b = Bitmap::new(300);
+        b.set_range(10, 20);
+        b.set_range(64, 200);
+        assert_eq!(b.next_clear(0, 300), Some(0));
+        assert_eq!(b.next_clear(10, 300), Some(20));
+        assert_eq!(b.next_set(20, 300), Some(64));
+        assert_eq!(b.next_clear(64, 300), Some(200));
+        assert_eq!(b.next_set(200, 300), None);
+        assert!(b.get(199) && !b.get(200) && b.get(10) && !b.get(9));
+        assert_eq!(b.next_clear(64, 200), None);
+    }
+}
