@@ -88,18 +88,18 @@ impl Identity {
 
 /// An open snapshot source.
 #[derive(Debug)]
-pub struct Source {
+pub struct Device {
     path: PathBuf,
     file: File,
     size: u64,
     identity: Identity,
 }
 
-impl Source {
+impl Device {
     /// Open `path` read-only. With `exclusive`, a block device is opened with
     /// `O_EXCL`, which fails while it is mounted and, while held, makes any
     /// mount of it fail.
-    pub fn open(path: &Path, exclusive: bool) -> Result<Source, DeviceError> {
+    pub fn open(path: &Path, exclusive: bool) -> Result<Device, DeviceError> {
         let md = std::fs::metadata(path).map_err(|source| DeviceError::Open {
             path: path.to_path_buf(),
             source,
@@ -118,12 +118,12 @@ impl Source {
         }
         opts.custom_flags(flags);
         let file = opts.open(path).map_err(|e| open_error(path, e))?;
-        Source::from_file(path, file)
+        Device::from_file(path, file)
     }
 
     /// Open a block device or file for reading and writing (a revert), with
     /// `O_EXCL` on a block device so it cannot be mounted meanwhile.
-    pub fn open_rw(path: &Path) -> Result<Source, DeviceError> {
+    pub fn open_rw(path: &Path) -> Result<Device, DeviceError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -139,11 +139,11 @@ impl Source {
                 path: path.to_path_buf(),
             });
         }
-        Source::from_file(path, file)
+        Device::from_file(path, file)
     }
 
     /// Size and identity of an opened source.
-    fn from_file(path: &Path, file: File) -> Result<Source, DeviceError> {
+    fn from_file(path: &Path, file: File) -> Result<Device, DeviceError> {
         let md = file.metadata().map_err(|source| DeviceError::Open {
             path: path.to_path_buf(),
             source,
@@ -157,7 +157,7 @@ impl Source {
         } else {
             md.len()
         };
-        Ok(Source {
+        Ok(Device {
             path: path.to_path_buf(),
             file,
             size,
@@ -247,7 +247,7 @@ fn open_error(path: &Path, source: io::Error) -> DeviceError {
 /// A read-only mapping of a whole source.
 #[derive(Debug)]
 pub struct DeviceMap<'a> {
-    source: &'a Source,
+    source: &'a Device,
     // Field order matters: the registration is dropped before the mapping.
     registration: sigbus::Registration,
     mmap: Mmap,
@@ -393,7 +393,7 @@ mod tests {
         let data: Vec<u8> = (0..20000u32).map(|i| (i % 251) as u8).collect();
         f.write_all(&data).unwrap();
         f.flush().unwrap();
-        let src = Source::open(f.path(), false).unwrap();
+        let src = Device::open(f.path(), false).unwrap();
         assert_eq!(src.size(), 20000);
         assert!(!src.identity().is_block());
         let map = src.map().unwrap();
@@ -408,13 +408,13 @@ mod tests {
     #[test]
     fn empty_source_is_refused() {
         let f = tempfile::NamedTempFile::new().unwrap();
-        let src = Source::open(f.path(), false).unwrap();
+        let src = Device::open(f.path(), false).unwrap();
         assert!(matches!(src.map(), Err(DeviceError::Empty { .. })));
     }
 
     #[test]
     fn missing_source_names_the_path() {
-        let err = Source::open(Path::new("/nonexistent/blocksnap-dev"), false).unwrap_err();
+        let err = Device::open(Path::new("/nonexistent/blocksnap-dev"), false).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/blocksnap-dev"));
     }
 
@@ -427,7 +427,7 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(&vec![7u8; 64 << 10]).unwrap();
         f.flush().unwrap();
-        let src = Source::open(f.path(), false).unwrap();
+        let src = Device::open(f.path(), false).unwrap();
         let map = src.map().unwrap();
         f.as_file().set_len(8192).unwrap();
         let err = map.populate(0, 64 << 10).unwrap_err();

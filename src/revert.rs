@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 
 use uuid::Uuid;
 
-use crate::chain::{Chain, ChainError, Source as RunSource};
-use crate::device::{DeviceError, Source};
+use crate::chain::{Chain, ChainError, Origin};
+use crate::device::{Device, DeviceError};
 use crate::fingerprint::hash_blocks;
 use crate::sys;
 use crate::take::Progress;
@@ -61,7 +61,7 @@ pub fn revert(
     progress: Option<&Progress>,
 ) -> Result<RevertOutcome, RevertError> {
     let plan = chain.resolve_intact(id)?;
-    let src = Source::open_rw(device)?;
+    let src = Device::open_rw(device)?;
     let size = plan.device_size();
     if src.size() < size {
         return Err(RevertError::TooSmall {
@@ -123,8 +123,8 @@ pub fn revert(
             let run = plan.runs[run_i];
             let blen = plan.block_len(b) as usize;
             let data: &[u8] = match run.source {
-                RunSource::Zero => &zeros[..blen],
-                RunSource::Data {
+                Origin::Zero => &zeros[..blen],
+                Origin::Data {
                     offset,
                     segment,
                     meta,

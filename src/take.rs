@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::chain::format::{SegMeta, SegStats, SegmentKind, SourceId};
 use crate::chain::writer::{SegmentPlan, SegmentWriter};
 use crate::chain::{side_file, Chain, ChainError, Snapshot};
-use crate::device::{DeviceError, DeviceMap, Identity, Source};
+use crate::device::{Device, DeviceError, DeviceMap, Identity};
 use crate::fingerprint::{fingerprint, is_zero, FingerprintMap, ZeroPrints};
 use crate::quiesce::{self, QuiesceError};
 
@@ -250,7 +250,7 @@ pub fn take(
     let quiesce_desc = held.description().to_string();
 
     let scanned = (|| -> Result<(ScanResult, u64), TakeError> {
-        let source = Source::open(device, held.exclusive())?;
+        let source = Device::open(device, held.exclusive())?;
         let size = source.size();
         if let Some(o) = &old {
             if size < o.device_size {

@@ -23,7 +23,7 @@ use uuid::Uuid;
 use format::*;
 
 pub(crate) use resolve::Bitmap;
-pub use resolve::{Plan, Run, Source};
+pub use resolve::{Origin, Plan, Run};
 
 /// Errors of the chain layer.
 #[derive(Debug, thiserror::Error)]

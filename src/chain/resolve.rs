@@ -12,7 +12,7 @@ use crate::fingerprint::{FingerprintMap, ZeroPrints};
 
 /// Where one run of a snapshot's image comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
+pub enum Origin {
     Zero,
     /// Stored bytes at `offset` in the chain file; `segment` and `meta` locate
     /// the per-block crc32s and fingerprints in that segment's index.
@@ -28,7 +28,7 @@ pub enum Source {
 pub struct Run {
     pub block: u64,
     pub count: u64,
-    pub source: Source,
+    pub source: Origin,
 }
 
 /// How to build the image of one snapshot: runs sorted by block, covering
@@ -68,8 +68,8 @@ impl Plan {
             for i in 0..r.count {
                 let b = r.block + i;
                 out[b as usize] = match r.source {
-                    Source::Zero => zero.get(self.block_len(b) as usize),
-                    Source::Data { segment, meta, .. } => {
+                    Origin::Zero => zero.get(self.block_len(b) as usize),
+                    Origin::Data { segment, meta, .. } => {
                         self.indexes[&segment].prints[meta as usize + i as usize]
                     }
                 };
@@ -117,8 +117,8 @@ impl Chain {
                     remaining -= stop - start;
                     let delta = start - x.block;
                     let source = match x.location {
-                        Location::Zero => Source::Zero,
-                        Location::Data(off) => Source::Data {
+                        Location::Zero => Origin::Zero,
+                        Location::Data(off) => Origin::Data {
                             offset: off + delta * bs,
                             segment: seg,
                             meta: x.meta + delta as u32,

@@ -15,7 +15,7 @@ use std::sync::mpsc;
 
 use uuid::Uuid;
 
-use super::{Chain, ChainError, Plan, Source};
+use super::{Chain, ChainError, Origin, Plan};
 use crate::device::Identity;
 use crate::sys;
 use crate::util::WriteBehind;
@@ -217,7 +217,7 @@ fn write_image(
     };
     // Zero runs first: they need no reads and on a device they are cheap.
     for r in &plan.runs {
-        if r.source != Source::Zero {
+        if r.source != Origin::Zero {
             continue;
         }
         let off = r.block * bs;
@@ -290,7 +290,7 @@ fn pieces(plan: &Plan) -> Vec<Piece> {
     let max_blocks = BATCH / bs;
     let mut out = Vec::new();
     for r in &plan.runs {
-        let Source::Data {
+        let Origin::Data {
             offset,
             segment,
             meta,

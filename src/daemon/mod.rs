@@ -423,7 +423,7 @@ impl Daemon {
     /// Size in bytes of a volume's device, if it can be read.
     pub fn device_size(&self, v: &VolumeInfo) -> Option<u64> {
         let dev = v.device.as_ref()?;
-        crate::device::Source::open(dev, false)
+        crate::device::Device::open(dev, false)
             .ok()
             .map(|s| s.size())
     }
