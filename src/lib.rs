@@ -13,6 +13,7 @@ pub mod chain;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod defaults;
 pub mod device;
 pub mod fault;
 pub mod fingerprint;

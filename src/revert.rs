@@ -43,6 +43,16 @@ pub enum RevertError {
     },
 }
 
+impl RevertError {
+    /// Whether the device may hold a mix of what it held and the snapshot.
+    pub fn partly_reverted(&self) -> bool {
+        matches!(
+            self,
+            RevertError::Write { .. } | RevertError::Corrupt { .. }
+        )
+    }
+}
+
 /// What a revert did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RevertOutcome {

@@ -34,7 +34,16 @@ fn world() -> &'static World {
         let config = Config::parse(&dir.join("c.toml"), &text).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let router = rt.block_on(async {
-            let d = Daemon::start(config, Arc::new(blocksnap::quiesce::Host)).unwrap();
+            let engine = blocksnap::daemon::engine::HostEngine::new(Arc::new(blocksnap::quiesce::Host));
+            let d = Daemon::start(
+                config,
+                engine,
+                Box::new(|dir| {
+                    let s = blocksnap::daemon::json_store::JsonStore::open(dir)?;
+                    Ok(Arc::new(s) as Arc<dyn blocksnap::daemon::store::Store>)
+                }),
+            )
+            .unwrap();
             api::router(d)
         });
         World { rt, router }

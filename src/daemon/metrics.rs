@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
-use crate::take::TakeOutcome;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::engine::Taken;
 
 /// Per-volume counters.
 #[derive(Clone, Debug, Default)]
@@ -24,6 +26,8 @@ pub struct VolumeCounters {
 #[derive(Debug, Default)]
 pub struct Metrics {
     volumes: Mutex<BTreeMap<String, VolumeCounters>>,
+    /// Jobs that panicked (their records were marked error).
+    panics: AtomicU64,
 }
 
 impl Metrics {
@@ -32,10 +36,10 @@ impl Metrics {
         f(m.entry(v.to_string()).or_default());
     }
 
-    pub fn snapshot_ok(&self, v: &str, out: &TakeOutcome) {
+    pub fn snapshot_ok(&self, v: &str, out: &Taken) {
         self.with(v, |c| {
             c.snapshots_taken += 1;
-            c.bytes_scanned += out.snapshot.device_size;
+            c.bytes_scanned += out.device_size;
             c.bytes_changed += out.changed_bytes;
             c.bytes_stored += out.stored_bytes;
             c.last_freeze_seconds = out.freeze.as_secs_f64();
@@ -50,6 +54,14 @@ impl Metrics {
 
     pub fn reverted(&self, v: &str, blocks: u64) {
         self.with(v, |c| c.revert_blocks_written += blocks);
+    }
+
+    pub fn job_panicked(&self) {
+        self.panics.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
     }
 
     /// The text exposition for the volumes in `visible`.
@@ -134,6 +146,11 @@ impl Metrics {
             "counter",
             "Blocks written by reverts.",
             &|c| c.revert_blocks_written as f64,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP blocksnap_job_panics_total Operations that ended in a panic (their records were marked error).\n# TYPE blocksnap_job_panics_total counter\nblocksnap_job_panics_total {}",
+            self.panics()
         );
         out
     }

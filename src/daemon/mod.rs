@@ -1,28 +1,45 @@
-//! blocksnapd: the daemon's state and the operations it runs in the
-//! background. `api` turns HTTP calls into these; `server` owns the socket.
+//! blocksnapd: the daemon's state (catalog, claims, live progress, jobs).
+//!
+//! Layers, from the socket down:
+//! - `server`: the Unix socket, connection limits, graceful stop.
+//! - `api`: HTTP views (v1 now): parse a request, call one operation,
+//!   render its result or its error.
+//! - `ops`: the operations (create a snapshot, make a volume, revert, ...):
+//!   the daemon's rules, claims, catalog changes and background jobs.
+//! - `engine`: the host (devices, mounts, loop devices, the chain engine),
+//!   real or simulated (`sim`).
+//! - `store`: the catalog, behind the `Store` contract.
 
 pub mod api;
 pub mod catalog;
+pub mod claims;
+pub mod engine;
+pub mod json_store;
 pub mod metrics;
+pub mod ops;
+mod reconcile;
 pub mod server;
+pub mod sim;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use uuid::Uuid;
 
-use crate::chain::{self, Access, Chain};
 use crate::config::{self, Config};
-use crate::quiesce::{self, Mode, System};
-use crate::take::{self, Progress, TakeOptions};
-use crate::util::error_chain;
-use catalog::{Catalog, SnapStatus, SnapshotRecord, VolStatus, VolumeKind, VolumeRecord};
+use crate::defaults;
+use crate::quiesce::Mode;
+use crate::take::Progress;
+use catalog::{SnapshotRecord, VolStatus, VolumeKind, VolumeRecord};
+use claims::Claims;
+use engine::Engine;
+use store::{Change, Store, StoreError, VolumeQuery};
 
-pub const GB: u64 = 1 << 30;
+pub use defaults::GB;
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +55,7 @@ pub enum StartError {
     #[error("another blocksnapd is running with state directory {path} (it holds {path}/blocksnapd.lock)")]
     AlreadyRunning { path: PathBuf },
     #[error(transparent)]
-    Catalog(#[from] catalog::CatalogError),
+    Store(#[from] StoreError),
     #[error("cannot set up the socket {path}")]
     Socket {
         path: PathBuf,
@@ -51,14 +68,8 @@ pub enum StartError {
     Signals(#[source] std::io::Error),
 }
 
-/// What is running on a volume.
-#[derive(Clone, Debug)]
-pub struct Busy {
-    pub what: String,
-    pub status: Option<&'static str>,
-}
-
-/// A volume as the API sees it, configured or made.
+/// A volume as the daemon sees it, configured or made: what the config says
+/// and what the catalog records.
 #[derive(Clone, Debug)]
 pub struct VolumeInfo {
     pub id: String,
@@ -80,11 +91,14 @@ impl VolumeInfo {
 /// The daemon.
 pub struct Daemon {
     pub config: Config,
-    catalog: Mutex<Catalog>,
-    busy: Mutex<HashMap<String, Busy>>,
+    store: Arc<dyn Store>,
+    /// Held around every read-modify-write of the catalog, so no change is
+    /// computed from a record another change is replacing.
+    writer: Mutex<()>,
+    pub claims: Arc<Claims>,
     /// Live progress by snapshot id (takes) or volume id (reverts).
     progress: Mutex<HashMap<String, Arc<Progress>>>,
-    pub sys: Arc<dyn System>,
+    pub engine: Arc<dyn Engine>,
     /// Set on SIGTERM: running scans stop, are thawed and marked error.
     pub shutdown: Arc<AtomicBool>,
     pub metrics: metrics::Metrics,
@@ -102,7 +116,7 @@ impl std::fmt::Debug for Daemon {
 }
 
 /// The record of a configured volume the API has not changed yet.
-fn configured_record(v: &config::Volume, created_us: i64) -> VolumeRecord {
+pub(crate) fn configured_record(v: &config::Volume, created_us: i64) -> VolumeRecord {
     VolumeRecord {
         id: v.id.clone(),
         kind: VolumeKind::Configured,
@@ -115,12 +129,16 @@ fn configured_record(v: &config::Volume, created_us: i64) -> VolumeRecord {
         updated_us: 0,
         size_bytes: 0,
         error: None,
+        reverting: None,
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Opens the catalog once the state directory is set up and locked.
+pub type OpenStore<'a> = dyn FnOnce(&Path) -> Result<Arc<dyn Store>, StoreError> + 'a;
 
 impl Daemon {
     pub fn chains_dir(&self) -> PathBuf {
@@ -134,16 +152,21 @@ impl Daemon {
     pub fn volumes_dir(&self) -> PathBuf {
         self.config.state_dir.join("volumes")
     }
+    pub fn image_path(&self, volume: &str) -> PathBuf {
+        self.volumes_dir().join(format!("{volume}.img"))
+    }
     pub fn intent_dir(&self) -> PathBuf {
         self.config.state_dir.join("freeze-intents")
     }
-    fn catalog_path(&self) -> PathBuf {
-        self.config.state_dir.join("catalog.json")
-    }
 
-    /// Open the state directory, take its lock, thaw leftovers and bring the
-    /// catalog in line with the chain files.
-    pub fn start(config: Config, sys: Arc<dyn System>) -> Result<Arc<Daemon>, StartError> {
+    /// Open the state directory and take its lock, thaw leftovers, open the
+    /// catalog with `open_store`, bring it in line with the chain files and
+    /// resume (or mark) what a crash interrupted.
+    pub fn start(
+        config: Config,
+        engine: Arc<dyn Engine>,
+        open_store: Box<OpenStore<'_>>,
+    ) -> Result<Arc<Daemon>, StartError> {
         let state = config.state_dir.clone();
         for d in [
             &state,
@@ -177,304 +200,218 @@ impl Daemon {
                     })
                 }
             };
-        let d = Daemon {
+        // Freezes left by an earlier run of ours, first of all.
+        engine.thaw_leftovers(&state.join("freeze-intents"));
+        let store = open_store(&state)?;
+        let d = Arc::new(Daemon {
             metrics: metrics::Metrics::default(),
-            catalog: Mutex::new(Catalog::default()),
-            busy: Mutex::new(HashMap::new()),
+            store,
+            writer: Mutex::new(()),
+            claims: Claims::new(),
             progress: Mutex::new(HashMap::new()),
-            sys,
+            engine,
             shutdown: Arc::new(AtomicBool::new(false)),
             running: Mutex::new(0),
             idle: std::sync::Condvar::new(),
             _lock: lock_file,
             config,
-        };
-        // Freezes left by an earlier run of ours, first of all.
-        for o in quiesce::intent::thaw_leftovers(d.sys.as_ref(), &d.intent_dir()) {
-            if let quiesce::intent::Outcome::Failed(mp, e) = o {
-                tracing::error!(mount_point = %mp.display(), "could not thaw a filesystem left frozen: {e}");
-            }
-        }
-        let cat = Catalog::load(&d.catalog_path())?;
-        *lock(&d.catalog) = cat;
-        d.reconcile();
-        d.save();
-        Ok(Arc::new(d))
+        });
+        reconcile::reconcile(&d)?;
+        Ok(d)
     }
 
-    fn save(&self) {
-        let cat = lock(&self.catalog).clone();
-        if let Err(e) = cat.save(&self.catalog_path()) {
-            tracing::error!("{}", error_chain(&e));
-        }
+    /// The catalog, for reads. Changes go through [`Daemon::write`] and the
+    /// `update_*` helpers.
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
     }
 
-    /// Apply `f` to the catalog and persist it.
-    pub fn update<R>(&self, f: impl FnOnce(&mut Catalog) -> R) -> R {
-        let (r, snapshot) = {
-            let mut c = lock(&self.catalog);
-            let r = f(&mut c);
-            (r, c.clone())
-        };
-        if let Err(e) = snapshot.save(&self.catalog_path()) {
-            tracing::error!("{}", error_chain(&e));
-        }
-        r
+    /// Run `f` as the catalog's only writer: what it reads stays current
+    /// until it returns, so a change computed from a record never replaces
+    /// a newer one.
+    pub(crate) fn write<R, E>(&self, f: impl FnOnce(&dyn Store) -> Result<R, E>) -> Result<R, E> {
+        let _w = lock(&self.writer);
+        f(self.store.as_ref())
     }
 
-    /// Read the catalog.
-    pub fn read<R>(&self, f: impl FnOnce(&Catalog) -> R) -> R {
-        f(&lock(&self.catalog))
+    /// Apply changes durably.
+    pub(crate) fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+        self.write(|s| s.apply(changes))
     }
 
-    /// Bring the catalog in line with the chain files after a start.
-    fn reconcile(&self) {
-        let volumes = self.volumes();
-        let mut cat = lock(&self.catalog);
-        // Configured volumes the config no longer has lose their overrides.
-        let configured: Vec<String> = self.config.volumes.iter().map(|v| v.id.clone()).collect();
-        cat.volumes
-            .retain(|id, r| r.kind != VolumeKind::Configured || configured.contains(id));
-        // Configured volumes get a record (and so a creation time) on the
-        // first start that sees them.
-        for v in &self.config.volumes {
-            cat.volumes
-                .entry(v.id.clone())
-                .or_insert_with(|| configured_record(v, crate::util::now_micros()));
-        }
-        for v in &volumes {
-            let path = self.chain_path(&v.id);
-            let live: Vec<chain::Snapshot> = if path.exists() {
-                match Chain::open(&path, Access::Write) {
-                    Ok(c) => c.snapshots().to_vec(),
-                    Err(e) => {
-                        tracing::error!(volume = %v.id, "{}", error_chain(&e));
-                        match Chain::open(&path, Access::Read) {
-                            Ok(c) => c.snapshots().to_vec(),
-                            Err(_) => Vec::new(),
-                        }
-                    }
-                }
-            } else {
-                Vec::new()
+    /// Change one snapshot record; `None` if there is none. The change is
+    /// durable when this returns `Ok`.
+    pub(crate) fn update_snapshot<R>(
+        &self,
+        id: Uuid,
+        f: impl FnOnce(&mut SnapshotRecord) -> R,
+    ) -> Result<Option<(R, SnapshotRecord)>, StoreError> {
+        self.write(|s| {
+            let Some(mut rec) = s.snapshot(id)? else {
+                return Ok(None);
             };
-            let in_chain = |id: Uuid| live.iter().any(|s| s.id == id);
-            let mut finish_delete = Vec::new();
-            for r in cat.snapshots.values_mut().filter(|r| r.volume_id == v.id) {
-                match r.status {
-                    SnapStatus::Creating if in_chain(r.id) => {
-                        tracing::warn!(snapshot = %r.id, "snapshot was committed just before the daemon stopped; it is available");
-                        r.status = SnapStatus::Available;
-                    }
-                    SnapStatus::Creating => {
-                        r.status = SnapStatus::Error;
-                        r.error = Some("interrupted: blocksnapd stopped while this snapshot was being taken; its partial data was discarded".into());
-                        tracing::warn!(snapshot = %r.id, "snapshot interrupted by a daemon restart is now error");
-                    }
-                    SnapStatus::Available if !in_chain(r.id) => {
-                        r.status = SnapStatus::Error;
-                        r.error = Some(format!("missing from the chain file {}", path.display()));
-                    }
-                    SnapStatus::Deleting => finish_delete.push(r.id),
-                    _ => {}
-                }
+            let before = rec.clone();
+            let r = f(&mut rec);
+            if rec != before {
+                rec.updated_us = crate::util::now_micros();
+                s.apply(&[Change::PutSnapshot(rec.clone())])?;
             }
-            let mut gone = Vec::new();
-            for id in finish_delete {
-                if in_chain(id) {
-                    match Chain::open(&path, Access::Write)
-                        .and_then(|mut c| chain::delete::delete(&mut c, id))
-                    {
-                        Ok(_) => {
-                            cat.snapshots.remove(&id);
-                            gone.push(id);
-                        }
-                        Err(e) => {
-                            if let Some(r) = cat.snapshots.get_mut(&id) {
-                                r.status = SnapStatus::ErrorDeleting;
-                                r.error = Some(error_chain(&e));
-                            }
-                        }
-                    }
-                } else {
-                    cat.snapshots.remove(&id);
-                }
-                tracing::info!(snapshot = %id, "finished a delete interrupted by a restart");
-            }
-            // Snapshots in the chain the catalog does not know (taken with the
-            // CLI, or a lost catalog) are adopted; not those just deleted.
-            for s in live.iter().filter(|s| !gone.contains(&s.id)) {
-                if let std::collections::btree_map::Entry::Vacant(e) = cat.snapshots.entry(s.id) {
-                    e.insert(SnapshotRecord {
-                        id: s.id,
-                        volume_id: v.id.clone(),
-                        tenant: None,
-                        status: SnapStatus::Available,
-                        display_name: s.name.clone(),
-                        display_description: s.description.clone(),
-                        metadata: s.metadata.clone(),
-                        created_us: s.created_us,
-                        updated_us: 0,
-                        size_bytes: s.device_size,
-                        error: None,
-                        changed_bytes: s.changed_bytes,
-                        stored_bytes: s.stored_bytes,
-                        freeze_ms: s.freeze_us as f64 / 1000.0,
-                    });
-                }
-            }
-        }
-        // Made volumes: reattach, or finish what was interrupted.
-        let made: Vec<String> = cat
-            .volumes
-            .values()
-            .filter(|r| matches!(r.kind, VolumeKind::Made { .. }))
-            .map(|r| r.id.clone())
-            .collect();
-        for id in made {
-            let r = cat.volumes.get_mut(&id).expect("listed");
-            let VolumeKind::Made { image, device, .. } = &mut r.kind else {
-                continue;
-            };
-            match r.status {
-                VolStatus::Creating => {
-                    r.status = VolStatus::Error;
-                    r.error = Some(
-                        "interrupted: blocksnapd stopped while this volume was being created"
-                            .into(),
-                    );
-                }
-                VolStatus::Deleting => {
-                    if let Some(d) = device.take() {
-                        let _ = crate::loopdev::detach(&d);
-                    }
-                    let _ = std::fs::remove_file(&*image);
-                    cat.volumes.remove(&id);
-                    continue;
-                }
-                VolStatus::Available => match crate::loopdev::find_by_backing(image) {
-                    Some(ld) => *device = Some(ld.path),
-                    None => match crate::loopdev::attach(image, false) {
-                        Ok(ld) => {
-                            tracing::info!(volume = %id, device = %ld.path.display(), "reattached volume image");
-                            *device = Some(ld.path);
-                        }
-                        Err(e) => {
-                            r.status = VolStatus::Error;
-                            r.error = Some(format!("cannot attach {}: {e}", image.display()));
-                            *device = None;
-                        }
-                    },
+            Ok(Some((r, rec)))
+        })
+    }
+
+    /// Change one volume record (a configured volume without one gets its
+    /// default record first); `None` if there is no such volume.
+    pub(crate) fn update_volume<R>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut VolumeRecord) -> R,
+    ) -> Result<Option<(R, VolumeRecord)>, StoreError> {
+        self.write(|s| {
+            let mut rec = match s.volume(id)? {
+                Some(r) => r,
+                None => match self.config.volumes.iter().find(|v| v.id == id) {
+                    Some(v) => configured_record(v, crate::util::now_micros()),
+                    None => return Ok(None),
                 },
-                _ => {}
+            };
+            let before = rec.clone();
+            let r = f(&mut rec);
+            if rec != before {
+                rec.updated_us = crate::util::now_micros();
+                s.apply(&[Change::PutVolume(rec.clone())])?;
             }
-            if let VolumeKind::Made {
-                device: Some(d), ..
-            } = &r.kind
-            {
-                r.metadata
-                    .insert("blocksnap:device".into(), d.display().to_string());
-            }
+            Ok(Some((r, rec)))
+        })
+    }
+
+    fn configured_info(&self, v: &config::Volume, record: VolumeRecord) -> VolumeInfo {
+        VolumeInfo {
+            id: v.id.clone(),
+            device: Some(v.device.clone()),
+            configured: true,
+            tenant: v.tenant.clone(),
+            quiesce: v.quiesce,
+            block_size: v.block_size,
+            max_freeze: v.max_freeze,
+            record,
         }
     }
 
-    /// Every volume: configured ones (with what the API changed), then made ones.
-    pub fn volumes(&self) -> Vec<VolumeInfo> {
-        let cat = lock(&self.catalog);
+    pub(crate) fn made_info(record: VolumeRecord) -> Option<VolumeInfo> {
+        let VolumeKind::Made { device, .. } = &record.kind else {
+            return None;
+        };
+        Some(VolumeInfo {
+            id: record.id.clone(),
+            device: device.clone(),
+            configured: false,
+            tenant: record.tenant.clone(),
+            quiesce: defaults::made_volume::QUIESCE,
+            block_size: defaults::made_volume::BLOCK_SIZE,
+            max_freeze: defaults::made_volume::MAX_FREEZE,
+            record,
+        })
+    }
+
+    /// Every volume: configured ones (with what the API changed), then made
+    /// ones.
+    pub fn volumes(&self) -> Result<Vec<VolumeInfo>, StoreError> {
+        let records: BTreeMap<String, VolumeRecord> = self
+            .store
+            .volumes(&VolumeQuery::default())?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
         let mut out = Vec::new();
         for v in &self.config.volumes {
-            let record = cat
-                .volumes
+            let record = records
                 .get(&v.id)
                 .cloned()
                 .unwrap_or_else(|| configured_record(v, 0));
-            out.push(VolumeInfo {
-                id: v.id.clone(),
-                device: Some(v.device.clone()),
-                configured: true,
-                tenant: v.tenant.clone(),
-                quiesce: v.quiesce,
-                block_size: v.block_size,
-                max_freeze: v.max_freeze,
-                record,
-            });
+            out.push(self.configured_info(v, record));
         }
-        for r in cat.volumes.values() {
-            if let VolumeKind::Made { device, .. } = &r.kind {
-                out.push(VolumeInfo {
-                    id: r.id.clone(),
-                    device: device.clone(),
-                    configured: false,
-                    tenant: r.tenant.clone(),
-                    quiesce: Mode::Auto,
-                    block_size: None,
-                    max_freeze: Duration::from_secs(60),
-                    record: r.clone(),
-                });
-            }
-        }
-        out
+        out.extend(records.into_values().filter_map(Daemon::made_info));
+        Ok(out)
     }
 
-    pub fn volume(&self, id: &str) -> Option<VolumeInfo> {
-        self.volumes().into_iter().find(|v| v.id == id)
+    /// One volume, configured or made.
+    pub fn volume(&self, id: &str) -> Result<Option<VolumeInfo>, StoreError> {
+        if let Some(v) = self.config.volumes.iter().find(|v| v.id == id) {
+            let record = self
+                .store
+                .volume(id)?
+                .unwrap_or_else(|| configured_record(v, 0));
+            return Ok(Some(self.configured_info(v, record)));
+        }
+        Ok(self.store.volume(id)?.and_then(Daemon::made_info))
     }
 
     /// Size in bytes of a volume's device, if it can be read.
     pub fn device_size(&self, v: &VolumeInfo) -> Option<u64> {
-        let dev = v.device.as_ref()?;
-        crate::device::Device::open(dev, false)
-            .ok()
-            .map(|s| s.size())
+        self.engine.device_size(v.device.as_ref()?).ok()
     }
 
-    /// Whether a volume's device is mounted.
-    pub fn mounted(&self, v: &VolumeInfo) -> bool {
-        v.device
-            .as_ref()
-            .and_then(|d| self.sys.mounts_of(d).ok())
-            .is_some_and(|m| !m.is_empty())
-    }
-
-    /// What is running on a volume, if anything.
-    pub fn busy(&self, volume: &str) -> Option<Busy> {
-        lock(&self.busy).get(volume).cloned()
-    }
-
-    /// Claim a volume for an operation; fails with what is running.
-    pub fn claim(&self, volume: &str, busy: Busy) -> Result<(), Busy> {
-        let mut b = lock(&self.busy);
-        if let Some(cur) = b.get(volume) {
-            return Err(cur.clone());
+    /// Whether a volume's device is mounted; `None` if that cannot be told.
+    pub fn mounted(&self, v: &VolumeInfo) -> Option<bool> {
+        match &v.device {
+            Some(d) => self.engine.mounted(d).ok(),
+            None => Some(false),
         }
-        b.insert(volume.to_string(), busy);
-        Ok(())
-    }
-
-    fn release(&self, volume: &str) {
-        lock(&self.busy).remove(volume);
     }
 
     pub fn progress_of(&self, id: &str) -> Option<Arc<Progress>> {
         lock(&self.progress).get(id).cloned()
     }
 
-    /// Run `job` on the blocking pool, counted so shutdown can wait for it.
-    pub fn spawn(self: &Arc<Self>, job: impl FnOnce(&Daemon) + Send + 'static) {
-        *lock(&self.running) += 1;
-        let d = self.clone();
-        tokio::task::spawn_blocking(move || {
-            struct Done<'a>(&'a Daemon);
-            impl Drop for Done<'_> {
-                fn drop(&mut self) {
-                    let mut n = lock(&self.0.running);
-                    *n -= 1;
-                    self.0.idle.notify_all();
-                }
+    /// Show live progress under `key` until the guard is dropped.
+    pub(crate) fn track_progress(&self, key: &str) -> ProgressGuard<'_> {
+        let p = Arc::new(Progress::default());
+        lock(&self.progress).insert(key.to_string(), p.clone());
+        ProgressGuard {
+            d: self,
+            key: key.to_string(),
+            progress: p,
+        }
+    }
+
+    /// Run `job` on its own thread holding `claim`, counted so shutdown can
+    /// wait for it. The claim is released when the job has ended and its
+    /// outcome is recorded, when it panics (after its record is marked
+    /// error), or when it is dropped unstarted. A panic is caught, logged
+    /// and counted.
+    pub(crate) fn spawn(
+        self: &Arc<Self>,
+        subject: ops::jobs::Subject,
+        claim: claims::Claim,
+        job: impl FnOnce(&Daemon) + Send + 'static,
+    ) {
+        struct Done(Arc<Daemon>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                let mut n = lock(&self.0.running);
+                *n -= 1;
+                self.0.idle.notify_all();
             }
-            let _done = Done(&d);
-            job(&d);
-        });
+        }
+        *lock(&self.running) += 1;
+        let done = Done(self.clone());
+        let s = subject.clone();
+        let spawned = std::thread::Builder::new()
+            .name(subject.thread_name())
+            .spawn(move || {
+                let d = done.0.clone();
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&d)));
+                if let Err(payload) = r {
+                    let msg = panic_message(payload.as_ref());
+                    s.panicked(&d, &msg);
+                }
+                drop(claim);
+                drop(done);
+            });
+        if let Err(e) = spawned {
+            subject.not_started(self, &e.to_string());
+        }
     }
 
     /// Number of operations running.
@@ -485,6 +422,11 @@ impl Daemon {
     /// Ask running operations to stop and wait up to `timeout` for them.
     pub fn stop_and_wait(&self, timeout: Duration) -> bool {
         self.shutdown.store(true, Ordering::SeqCst);
+        self.wait_idle(timeout)
+    }
+
+    /// Wait up to `timeout` until no operation runs.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
         let n = lock(&self.running);
         let (n, _) = self
             .idle
@@ -493,266 +435,33 @@ impl Daemon {
         *n == 0
     }
 
-    /// The snapshot job: take it, then record the outcome.
-    pub fn run_snapshot(&self, volume: VolumeInfo, id: Uuid, force: bool) {
-        let progress = Arc::new(Progress::default());
-        lock(&self.progress).insert(id.to_string(), progress.clone());
-        let (name, description, metadata) = self.read(|c| {
-            let r = &c.snapshots[&id];
-            (
-                r.display_name.clone(),
-                r.display_description.clone(),
-                r.metadata.clone(),
-            )
-        });
-        let device = volume.device.clone().unwrap_or_default();
-        let mut keep_off = vec![self.config.state_dir.clone(), self.config.socket.clone()];
-        keep_off.dedup();
-        let opts = TakeOptions {
-            name,
-            description,
-            metadata,
-            block_size: volume.block_size,
-            full: false,
-            snapshot_id: Some(id),
-            quiesce: quiesce::Options {
-                mode: volume.quiesce,
-                force,
-                max_freeze: volume.max_freeze,
-                intent_dir: Some(self.intent_dir()),
-                keep_off,
-            },
-            progress: Some(progress),
-            cancel: Some(self.shutdown.clone()),
-            tuning: Default::default(),
-        };
-        let result = take::take(
-            self.sys.clone(),
-            &device,
-            &self.chain_path(&volume.id),
-            &opts,
-        );
-        crate::fault::point("before-catalog");
-        match result {
-            Ok(out) => {
-                tracing::info!(
-                    volume = %volume.id,
-                    snapshot = %id,
-                    changed_bytes = out.changed_bytes,
-                    stored_bytes = out.stored_bytes,
-                    freeze_ms = out.freeze.as_secs_f64() * 1000.0,
-                    duration_ms = out.duration.as_secs_f64() * 1000.0,
-                    quiesce = %out.quiesce,
-                    "snapshot available"
-                );
-                self.metrics.snapshot_ok(&volume.id, &out);
-                self.update(|c| {
-                    if let Some(r) = c.snapshots.get_mut(&id) {
-                        r.status = SnapStatus::Available;
-                        r.changed_bytes = out.changed_bytes;
-                        r.stored_bytes = out.stored_bytes;
-                        r.freeze_ms = out.freeze.as_secs_f64() * 1000.0;
-                        r.size_bytes = out.snapshot.device_size;
-                    }
-                });
-            }
-            Err(e) => {
-                let msg = error_chain(&e);
-                let msg = if e.is_disk_full() {
-                    format!("the disk holding the chain is full: {msg}")
-                } else if matches!(e, take::TakeError::Cancelled) {
-                    "abandoned: blocksnapd is shutting down".to_string()
-                } else {
-                    msg
-                };
-                tracing::error!(volume = %volume.id, snapshot = %id, "snapshot failed: {msg}");
-                self.metrics.snapshot_failed(&volume.id);
-                self.update(|c| {
-                    if let Some(r) = c.snapshots.get_mut(&id) {
-                        r.status = SnapStatus::Error;
-                        r.error = Some(msg);
-                    }
-                });
-            }
-        }
-        lock(&self.progress).remove(&id.to_string());
-        self.release(&volume.id);
+    /// The operations layer.
+    pub fn ops(self: &Arc<Self>) -> ops::Ops {
+        ops::Ops::new(self.clone())
     }
+}
 
-    /// The delete job.
-    pub fn run_delete_snapshot(&self, volume: &str, id: Uuid) {
-        let path = self.chain_path(volume);
-        let r = (|| -> Result<(), chain::ChainError> {
-            if !path.exists() {
-                return Ok(());
-            }
-            let mut c = Chain::open(&path, Access::Write)?;
-            if c.snapshots().iter().any(|s| s.id == id) {
-                crate::fault::point("delete-before-commit");
-                let out = chain::delete::delete(&mut c, id)?;
-                crate::fault::point("delete-after-commit");
-                tracing::info!(volume = %volume, snapshot = %id, merged_blocks = out.merged_blocks, released_bytes = out.reclaimed_bytes, "snapshot deleted");
-            }
-            Ok(())
-        })();
-        match r {
-            Ok(()) => self.update(|c| {
-                c.snapshots.remove(&id);
-            }),
-            Err(e) => {
-                let msg = error_chain(&e);
-                tracing::error!(snapshot = %id, "delete failed: {msg}");
-                self.update(|c| {
-                    if let Some(r) = c.snapshots.get_mut(&id) {
-                        r.status = SnapStatus::ErrorDeleting;
-                        r.error = Some(msg);
-                    }
-                });
-            }
-        }
-        self.release(volume);
+/// Live progress shown while held.
+#[derive(Debug)]
+pub(crate) struct ProgressGuard<'a> {
+    d: &'a Daemon,
+    key: String,
+    pub progress: Arc<Progress>,
+}
+
+impl Drop for ProgressGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.d.progress).remove(&self.key);
     }
+}
 
-    /// The volume-from-snapshot job (or a blank volume when `from` is None).
-    pub fn run_create_volume(&self, id: &str, from: Option<(String, Uuid)>, size: u64) {
-        let image = self.volumes_dir().join(format!("{id}.img"));
-        let r = (|| -> Result<PathBuf, String> {
-            if let Some((src_volume, snap)) = from {
-                let c = Chain::open(&self.chain_path(&src_volume), Access::Read)
-                    .map_err(|e| error_chain(&e))?;
-                crate::fault::point("volume-restore");
-                chain::restore::restore(&c, snap, &image, &Default::default())
-                    .map_err(|e| error_chain(&e))?;
-            } else {
-                std::fs::File::create(&image)
-                    .map_err(|e| format!("cannot create {}: {e}", image.display()))?;
-            }
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&image)
-                .map_err(|e| format!("cannot open {}: {e}", image.display()))?;
-            if f.metadata().map(|m| m.len()).unwrap_or(0) < size {
-                f.set_len(size)
-                    .map_err(|e| format!("cannot size {}: {e}", image.display()))?;
-            }
-            f.sync_all().map_err(|e| e.to_string())?;
-            crate::fault::point("volume-attach");
-            let ld = crate::loopdev::attach(&image, false)
-                .map_err(|e| format!("cannot attach a loop device: {e}"))?;
-            Ok(ld.path)
-        })();
-        match r {
-            Ok(dev) => {
-                tracing::info!(volume = %id, device = %dev.display(), "volume available");
-                self.update(|c| {
-                    if let Some(r) = c.volumes.get_mut(id) {
-                        r.status = VolStatus::Available;
-                        r.metadata
-                            .insert("blocksnap:device".into(), dev.display().to_string());
-                        if let VolumeKind::Made { device, .. } = &mut r.kind {
-                            *device = Some(dev);
-                        }
-                    }
-                });
-            }
-            Err(msg) => {
-                tracing::error!(volume = %id, "volume creation failed: {msg}");
-                let _ = std::fs::remove_file(&image);
-                self.update(|c| {
-                    if let Some(r) = c.volumes.get_mut(id) {
-                        r.status = VolStatus::Error;
-                        r.error = Some(msg);
-                    }
-                });
-            }
-        }
-        self.release(id);
-    }
-
-    /// The delete-volume job (made volumes only).
-    pub fn run_delete_volume(&self, id: &str) {
-        let rec = self.read(|c| c.volumes.get(id).cloned());
-        let r = (|| -> Result<(), String> {
-            let Some(VolumeRecord {
-                kind: VolumeKind::Made { image, device, .. },
-                ..
-            }) = rec
-            else {
-                return Ok(());
-            };
-            if let Some(d) = device {
-                crate::loopdev::detach(&d)
-                    .map_err(|e| format!("cannot detach {}: {e}", d.display()))?;
-            }
-            match std::fs::remove_file(&image) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("cannot remove {}: {e}", image.display())),
-            }
-            let chain = self.chain_path(id);
-            let _ = std::fs::remove_file(chain::side_file(&chain));
-            let _ = std::fs::remove_file(&chain);
-            Ok(())
-        })();
-        match r {
-            Ok(()) => {
-                tracing::info!(volume = %id, "volume deleted");
-                self.update(|c| {
-                    c.volumes.remove(id);
-                });
-            }
-            Err(msg) => {
-                tracing::error!(volume = %id, "volume delete failed: {msg}");
-                self.update(|c| {
-                    if let Some(r) = c.volumes.get_mut(id) {
-                        r.status = VolStatus::ErrorDeleting;
-                        r.error = Some(msg);
-                    }
-                });
-            }
-        }
-        self.release(id);
-    }
-
-    /// The revert job.
-    pub fn run_revert(&self, volume: VolumeInfo, snapshot: Uuid) {
-        let progress = Arc::new(Progress::default());
-        lock(&self.progress).insert(volume.id.clone(), progress.clone());
-        let device = volume.device.clone().unwrap_or_default();
-        let r = Chain::open(&self.chain_path(&volume.id), Access::Read)
-            .map_err(crate::revert::RevertError::from)
-            .and_then(|c| crate::revert::revert(&c, snapshot, &device, Some(&progress)));
-        match r {
-            Ok(out) => {
-                tracing::info!(volume = %volume.id, snapshot = %snapshot, blocks_checked = out.blocks_checked, blocks_written = out.blocks_written, "volume reverted");
-                self.metrics.reverted(&volume.id, out.blocks_written);
-                self.update(|c| {
-                    let r = c
-                        .volumes
-                        .entry(volume.id.clone())
-                        .or_insert_with(|| volume.record.clone());
-                    r.metadata
-                        .insert("blocksnap:reverted_to".into(), snapshot.to_string());
-                    r.metadata.insert(
-                        "blocksnap:reverted_blocks".into(),
-                        out.blocks_written.to_string(),
-                    );
-                    r.error = None;
-                });
-            }
-            Err(e) => {
-                let msg = error_chain(&e);
-                tracing::error!(volume = %volume.id, snapshot = %snapshot, "revert failed: {msg}");
-                self.update(|c| {
-                    let r = c
-                        .volumes
-                        .entry(volume.id.clone())
-                        .or_insert_with(|| volume.record.clone());
-                    r.error = Some(msg);
-                });
-            }
-        }
-        lock(&self.progress).remove(&volume.id);
-        self.release(&volume.id);
+/// The text of a panic's payload.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
     }
 }

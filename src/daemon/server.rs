@@ -265,9 +265,10 @@ pub async fn run(d: Arc<Daemon>, l: Listener) -> std::io::Result<()> {
     drop(l.listener);
     // Running scans stop, thaw and become error; other jobs get time to end.
     let d2 = d.clone();
-    let finished = tokio::task::spawn_blocking(move || d2.stop_and_wait(Duration::from_secs(60)))
-        .await
-        .unwrap_or(false);
+    let finished =
+        tokio::task::spawn_blocking(move || d2.stop_and_wait(crate::defaults::STOP_WAIT))
+            .await
+            .unwrap_or(false);
     if !finished {
         tracing::warn!("operations still running at exit; the next start marks them error");
     }

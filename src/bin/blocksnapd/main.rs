@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use blocksnap::config::{Config, DEFAULT_CONFIG};
+use blocksnap::daemon::engine::HostEngine;
+use blocksnap::daemon::json_store::JsonStore;
+use blocksnap::daemon::store::Store;
 use blocksnap::daemon::{server, Daemon};
 use blocksnap::util::error_chain;
 use clap::Parser;
@@ -101,7 +104,14 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async {
-        let d = Daemon::start(config, Arc::new(blocksnap::quiesce::Host))?;
+        let engine = HostEngine::new(Arc::new(blocksnap::quiesce::Host));
+        // The catalog (TEMPORARY: the JSON adapter until the durable store
+        // is wired here).
+        let d = Daemon::start(
+            config,
+            engine,
+            Box::new(|dir| Ok(Arc::new(JsonStore::open(dir)?) as Arc<dyn Store>)),
+        )?;
         let l = server::listen(&d)?;
         if let Some(demo) = &demo {
             println!("{}", demo::instructions(demo));

@@ -1,0 +1,373 @@
+//! The seam between the daemon and the host: devices, mounts, loop devices,
+//! freezing, and the chain engine's operations (take, delete, restore,
+//! revert). The daemon only ever calls [`Engine`]; [`HostEngine`] does the
+//! real work, and the simulator in [`super::sim`] stands in for it in tests
+//! that run without root, in-process and fast.
+//!
+//! Every call blocks: the daemon makes them from its jobs and from the
+//! blocking pool, never from an async worker.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::chain::{self, Access, Chain, ChainError};
+use crate::device::DeviceError;
+use crate::quiesce;
+use crate::revert::RevertError;
+use crate::take::{Progress, TakeError, TakeOptions};
+
+/// Everything a take needs, taken from the request (a job never reads its
+/// inputs back from the catalog).
+#[derive(Clone, Debug)]
+pub struct TakeJob {
+    pub volume: String,
+    pub device: PathBuf,
+    pub chain: PathBuf,
+    pub snapshot_id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub metadata: BTreeMap<String, String>,
+    pub block_size: Option<u32>,
+    pub quiesce: quiesce::Options,
+}
+
+/// What a take did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Taken {
+    pub device_size: u64,
+    pub changed_bytes: u64,
+    pub stored_bytes: u64,
+    pub freeze: Duration,
+    pub duration: Duration,
+    /// How the volume was quiesced, for the log.
+    pub quiesce: String,
+}
+
+/// A live snapshot as its chain file holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChainSnapshot {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub metadata: BTreeMap<String, String>,
+    pub created_us: i64,
+    pub device_size: u64,
+    pub changed_bytes: u64,
+    pub stored_bytes: u64,
+    pub freeze_us: u64,
+}
+
+/// What a delete did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Deleted {
+    pub merged_blocks: u64,
+    pub reclaimed_bytes: u64,
+}
+
+/// What a revert did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reverted {
+    pub blocks_checked: u64,
+    pub blocks_written: u64,
+}
+
+/// Why an engine call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Take(#[from] TakeError),
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error(transparent)]
+    Revert(#[from] RevertError),
+    #[error(transparent)]
+    Restore(#[from] chain::restore::RestoreError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Quiesce(#[from] quiesce::QuiesceError),
+    #[error("cannot {action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A failure the simulator was told to inject.
+    #[error("{what} (injected by the simulator)")]
+    Simulated { what: String, partial: bool },
+}
+
+impl EngineError {
+    pub fn io(action: &'static str, path: &Path, source: io::Error) -> EngineError {
+        EngineError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// The take stopped because the daemon is shutting down.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, EngineError::Take(TakeError::Cancelled))
+    }
+
+    /// The disk holding the chain is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            EngineError::Take(t) => t.is_disk_full(),
+            EngineError::Chain(c) => c.is_disk_full(),
+            _ => false,
+        }
+    }
+
+    /// A revert failed after it may have written to the device.
+    pub fn partly_reverted(&self) -> bool {
+        match self {
+            EngineError::Revert(r) => r.partly_reverted(),
+            EngineError::Simulated { partial, .. } => *partial,
+            _ => false,
+        }
+    }
+}
+
+/// What the daemon asks of the host.
+pub trait Engine: Send + Sync + std::fmt::Debug {
+    /// Size in bytes of a block device or image file.
+    fn device_size(&self, device: &Path) -> Result<u64, EngineError>;
+    /// Whether the device node (or file) is there.
+    fn device_exists(&self, device: &Path) -> bool;
+    /// Whether the device is mounted anywhere.
+    fn mounted(&self, device: &Path) -> Result<bool, EngineError>;
+    /// Thaw filesystems an earlier run froze and did not thaw (at start).
+    fn thaw_leftovers(&self, intent_dir: &Path);
+
+    /// Whether a chain file exists.
+    fn chain_exists(&self, chain: &Path) -> bool;
+    /// The live snapshots of a chain, oldest first; a torn tail is cut off.
+    fn chain_snapshots(&self, chain: &Path) -> Result<Vec<ChainSnapshot>, EngineError>;
+    /// Take a snapshot (quiesce, scan, append, commit).
+    fn take(
+        &self,
+        job: &TakeJob,
+        progress: &Arc<Progress>,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<Taken, EngineError>;
+    /// Delete a snapshot from its chain; `None` if it was not there.
+    fn delete_snapshot(&self, chain: &Path, id: Uuid) -> Result<Option<Deleted>, EngineError>;
+    /// Make `device` hold snapshot `id` again, writing only what differs.
+    fn revert(
+        &self,
+        chain: &Path,
+        id: Uuid,
+        device: &Path,
+        progress: &Progress,
+    ) -> Result<Reverted, EngineError>;
+
+    /// Create the image file of a made volume: snapshot `from` restored into
+    /// it, or blank; then at least `size` bytes long and fsync'd.
+    fn make_image(
+        &self,
+        from: Option<(&Path, Uuid)>,
+        image: &Path,
+        size: u64,
+    ) -> Result<(), EngineError>;
+    /// Attach an image file to a free loop device.
+    fn attach(&self, image: &Path) -> Result<PathBuf, EngineError>;
+    /// The loop device an image file is attached to, if any.
+    fn attached(&self, image: &Path) -> Option<PathBuf>;
+    fn detach(&self, device: &Path) -> Result<(), EngineError>;
+    /// Remove a file; one that is not there is no error.
+    fn remove(&self, path: &Path) -> Result<(), EngineError>;
+}
+
+/// The real host.
+#[derive(Clone)]
+pub struct HostEngine {
+    pub sys: Arc<dyn quiesce::System>,
+}
+
+impl std::fmt::Debug for HostEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostEngine")
+    }
+}
+
+impl HostEngine {
+    pub fn new(sys: Arc<dyn quiesce::System>) -> Arc<HostEngine> {
+        Arc::new(HostEngine { sys })
+    }
+}
+
+impl Engine for HostEngine {
+    fn device_size(&self, device: &Path) -> Result<u64, EngineError> {
+        Ok(crate::device::Device::open(device, false)?.size())
+    }
+
+    fn device_exists(&self, device: &Path) -> bool {
+        device.exists()
+    }
+
+    fn mounted(&self, device: &Path) -> Result<bool, EngineError> {
+        let m = self
+            .sys
+            .mounts_of(device)
+            .map_err(quiesce::QuiesceError::Mounts)?;
+        Ok(!m.is_empty())
+    }
+
+    fn thaw_leftovers(&self, intent_dir: &Path) {
+        for o in quiesce::intent::thaw_leftovers(self.sys.as_ref(), intent_dir) {
+            if let quiesce::intent::Outcome::Failed(mp, e) = o {
+                tracing::error!(mount_point = %mp.display(), "could not thaw a filesystem left frozen: {e}");
+            }
+        }
+    }
+
+    fn chain_exists(&self, chain: &Path) -> bool {
+        chain.exists()
+    }
+
+    fn chain_snapshots(&self, path: &Path) -> Result<Vec<ChainSnapshot>, EngineError> {
+        // Opened for writing to cut off a torn tail; a chain another process
+        // holds (a CLI take) is read as it is.
+        let c = match Chain::open(path, Access::Write) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("{}", crate::util::error_chain(&e));
+                Chain::open(path, Access::Read)?
+            }
+        };
+        Ok(c.snapshots()
+            .iter()
+            .map(|s| ChainSnapshot {
+                id: s.id,
+                name: s.name.clone(),
+                description: s.description.clone(),
+                metadata: s.metadata.clone(),
+                created_us: s.created_us,
+                device_size: s.device_size,
+                changed_bytes: s.changed_bytes,
+                stored_bytes: s.stored_bytes,
+                freeze_us: s.freeze_us,
+            })
+            .collect())
+    }
+
+    fn take(
+        &self,
+        job: &TakeJob,
+        progress: &Arc<Progress>,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<Taken, EngineError> {
+        let opts = TakeOptions {
+            name: job.name.clone(),
+            description: job.description.clone(),
+            metadata: job.metadata.clone(),
+            block_size: job.block_size,
+            full: false,
+            snapshot_id: Some(job.snapshot_id),
+            quiesce: job.quiesce.clone(),
+            progress: Some(progress.clone()),
+            cancel: Some(cancel.clone()),
+            tuning: Default::default(),
+        };
+        let out = crate::take::take(self.sys.clone(), &job.device, &job.chain, &opts)?;
+        Ok(Taken {
+            device_size: out.snapshot.device_size,
+            changed_bytes: out.changed_bytes,
+            stored_bytes: out.stored_bytes,
+            freeze: out.freeze,
+            duration: out.duration,
+            quiesce: out.quiesce,
+        })
+    }
+
+    fn delete_snapshot(&self, path: &Path, id: Uuid) -> Result<Option<Deleted>, EngineError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let mut c = Chain::open(path, Access::Write)?;
+        if !c.snapshots().iter().any(|s| s.id == id) {
+            return Ok(None);
+        }
+        crate::fault::point("delete-before-commit");
+        let out = chain::delete::delete(&mut c, id)?;
+        crate::fault::point("delete-after-commit");
+        Ok(Some(Deleted {
+            merged_blocks: out.merged_blocks,
+            reclaimed_bytes: out.reclaimed_bytes,
+        }))
+    }
+
+    fn revert(
+        &self,
+        chain: &Path,
+        id: Uuid,
+        device: &Path,
+        progress: &Progress,
+    ) -> Result<Reverted, EngineError> {
+        let c = Chain::open(chain, Access::Read)?;
+        let out = crate::revert::revert(&c, id, device, Some(progress))?;
+        Ok(Reverted {
+            blocks_checked: out.blocks_checked,
+            blocks_written: out.blocks_written,
+        })
+    }
+
+    fn make_image(
+        &self,
+        from: Option<(&Path, Uuid)>,
+        image: &Path,
+        size: u64,
+    ) -> Result<(), EngineError> {
+        if let Some((chain, snap)) = from {
+            let c = Chain::open(chain, Access::Read)?;
+            crate::fault::point("volume-restore");
+            chain::restore::restore(&c, snap, image, &Default::default())?;
+        } else {
+            std::fs::File::create(image).map_err(|e| EngineError::io("create", image, e))?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(image)
+            .map_err(|e| EngineError::io("open", image, e))?;
+        let len = f
+            .metadata()
+            .map_err(|e| EngineError::io("read the size of", image, e))?
+            .len();
+        if len < size {
+            f.set_len(size)
+                .map_err(|e| EngineError::io("set the size of", image, e))?;
+        }
+        f.sync_all().map_err(|e| EngineError::io("fsync", image, e))
+    }
+
+    fn attach(&self, image: &Path) -> Result<PathBuf, EngineError> {
+        crate::loopdev::attach(image, false)
+            .map(|ld| ld.path)
+            .map_err(|e| EngineError::io("attach a loop device to", image, e))
+    }
+
+    fn attached(&self, image: &Path) -> Option<PathBuf> {
+        crate::loopdev::find_by_backing(image).map(|ld| ld.path)
+    }
+
+    fn detach(&self, device: &Path) -> Result<(), EngineError> {
+        crate::loopdev::detach(device).map_err(|e| EngineError::io("detach", device, e))
+    }
+
+    fn remove(&self, path: &Path) -> Result<(), EngineError> {
+        match std::fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(EngineError::io("remove", path, e)),
+        }
+    }
+}

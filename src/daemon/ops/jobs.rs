@@ -1,0 +1,345 @@
+//! The background halves of the operations. Each job gets everything it
+//! needs from its request (it never reads its inputs back from the
+//! catalog), runs on its own thread holding its claim, and records its
+//! outcome through the catalog before the claim is released.
+
+use std::path::PathBuf;
+
+use uuid::Uuid;
+
+use crate::daemon::catalog::{SnapStatus, VolStatus, VolumeKind};
+use crate::daemon::engine::{EngineError, TakeJob};
+use crate::daemon::store::{Change, StoreError};
+use crate::daemon::Daemon;
+use crate::util::error_chain;
+
+/// What a job works on: names its thread and its log lines, and says which
+/// record to mark when it panics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subject {
+    Take { volume: String, snapshot: Uuid },
+    DeleteSnapshot { volume: String, snapshot: Uuid },
+    MakeVolume { volume: String },
+    DeleteVolume { volume: String },
+    Revert { volume: String, snapshot: Uuid },
+}
+
+impl Subject {
+    pub(crate) fn thread_name(&self) -> String {
+        match self {
+            Subject::Take { .. } => "bs-take",
+            Subject::DeleteSnapshot { .. } => "bs-delete-snap",
+            Subject::MakeVolume { .. } => "bs-make-volume",
+            Subject::DeleteVolume { .. } => "bs-delete-vol",
+            Subject::Revert { .. } => "bs-revert",
+        }
+        .to_string()
+    }
+
+    /// The job panicked: log it, count it, and mark its record error.
+    pub(crate) fn panicked(&self, d: &Daemon, panic: &str) {
+        tracing::error!(job = ?self, "a job panicked: {panic}");
+        d.metrics.job_panicked();
+        self.fail(d, &format!("internal error: {panic}; see the log"));
+    }
+
+    /// The job could not be started at all.
+    pub(crate) fn not_started(&self, d: &Daemon, why: &str) {
+        tracing::error!(job = ?self, "cannot start a job thread: {why}");
+        self.fail(d, &format!("internal error: cannot start the job: {why}"));
+    }
+
+    fn fail(&self, d: &Daemon, text: &str) {
+        let r = match self {
+            Subject::Take { snapshot, .. } => fail_snapshot(d, *snapshot, SnapStatus::Error, text),
+            Subject::DeleteSnapshot { snapshot, .. } => {
+                fail_snapshot(d, *snapshot, SnapStatus::ErrorDeleting, text)
+            }
+            Subject::MakeVolume { volume } => fail_volume(d, volume, VolStatus::Error, text),
+            Subject::DeleteVolume { volume } => {
+                fail_volume(d, volume, VolStatus::ErrorDeleting, text)
+            }
+            Subject::Revert { volume, snapshot } => d
+                .update_volume(volume, |r| {
+                    r.reverting = None;
+                    r.status = VolStatus::Error;
+                    r.error = Some(partly_reverted(*snapshot, text));
+                })
+                .map(drop),
+        };
+        if let Err(e) = r {
+            tracing::error!(job = ?self, "cannot record that the job failed: {}", error_chain(&e));
+        }
+    }
+}
+
+/// The message of a volume a revert left half done.
+pub(crate) fn partly_reverted(snapshot: Uuid, why: &str) -> String {
+    format!("partly reverted to {snapshot}; revert again ({why})")
+}
+
+fn fail_snapshot(d: &Daemon, id: Uuid, status: SnapStatus, text: &str) -> Result<(), StoreError> {
+    d.update_snapshot(id, |r| {
+        r.status = status;
+        r.error = Some(text.to_string());
+    })
+    .map(drop)
+}
+
+fn fail_volume(d: &Daemon, id: &str, status: VolStatus, text: &str) -> Result<(), StoreError> {
+    d.update_volume(id, |r| {
+        r.status = status;
+        r.error = Some(text.to_string());
+    })
+    .map(drop)
+}
+
+/// A job's outcome could not be saved: the restart's reconcile settles it.
+fn unrecorded(what: &str, e: StoreError) {
+    tracing::error!(
+        "cannot record the outcome of {what}: {}; the next start settles it",
+        error_chain(&e)
+    );
+}
+
+/// Take a snapshot, then record it available or error.
+pub(crate) fn take(d: &Daemon, job: TakeJob) {
+    let id = job.snapshot_id;
+    let shown = d.track_progress(&id.to_string());
+    let result = d.engine.take(&job, &shown.progress, &d.shutdown);
+    crate::fault::point("before-catalog");
+    let r = match result {
+        Ok(out) => {
+            tracing::info!(
+                volume = %job.volume,
+                snapshot = %id,
+                changed_bytes = out.changed_bytes,
+                stored_bytes = out.stored_bytes,
+                freeze_ms = out.freeze.as_secs_f64() * 1000.0,
+                duration_ms = out.duration.as_secs_f64() * 1000.0,
+                quiesce = %out.quiesce,
+                "snapshot available"
+            );
+            d.metrics.snapshot_ok(&job.volume, &out);
+            d.update_snapshot(id, |r| {
+                r.status = SnapStatus::Available;
+                r.changed_bytes = out.changed_bytes;
+                r.stored_bytes = out.stored_bytes;
+                r.freeze_ms = out.freeze.as_secs_f64() * 1000.0;
+                r.size_bytes = out.device_size;
+                r.error = None;
+            })
+        }
+        Err(e) => {
+            let msg = take_failure(&e);
+            tracing::error!(volume = %job.volume, snapshot = %id, "snapshot failed: {msg}");
+            d.metrics.snapshot_failed(&job.volume);
+            d.update_snapshot(id, |r| {
+                r.status = SnapStatus::Error;
+                r.error = Some(msg);
+            })
+        }
+    };
+    if let Err(e) = r {
+        unrecorded(&format!("snapshot {id}"), e);
+    }
+}
+
+/// The record's text for a failed take.
+fn take_failure(e: &EngineError) -> String {
+    let msg = error_chain(e);
+    if e.is_disk_full() {
+        format!("the disk holding the chain is full: {msg}")
+    } else if e.is_cancelled() {
+        "abandoned: blocksnapd is shutting down".to_string()
+    } else {
+        msg
+    }
+}
+
+/// What a snapshot delete needs.
+#[derive(Clone, Debug)]
+pub(crate) struct DeleteSnapshotJob {
+    pub volume: String,
+    pub chain: PathBuf,
+    pub snapshot: Uuid,
+}
+
+/// Delete a snapshot from its chain, then forget its record.
+pub(crate) fn delete_snapshot(d: &Daemon, job: DeleteSnapshotJob) {
+    let id = job.snapshot;
+    let r = match d.engine.delete_snapshot(&job.chain, id) {
+        Ok(out) => {
+            if let Some(out) = out {
+                tracing::info!(volume = %job.volume, snapshot = %id, merged_blocks = out.merged_blocks, released_bytes = out.reclaimed_bytes, "snapshot deleted");
+            }
+            d.apply(&[Change::RemoveSnapshot(id)])
+        }
+        Err(e) => {
+            let msg = error_chain(&e);
+            tracing::error!(snapshot = %id, "delete failed: {msg}");
+            d.update_snapshot(id, |r| {
+                r.status = SnapStatus::ErrorDeleting;
+                r.error = Some(msg);
+            })
+            .map(drop)
+        }
+    };
+    if let Err(e) = r {
+        unrecorded(&format!("the delete of snapshot {id}"), e);
+    }
+}
+
+/// What making a volume needs.
+#[derive(Clone, Debug)]
+pub(crate) struct MakeVolumeJob {
+    pub volume: String,
+    pub image: PathBuf,
+    /// The chain and snapshot to restore; `None` for a blank volume.
+    pub from: Option<(PathBuf, Uuid)>,
+    pub size_bytes: u64,
+}
+
+/// Write a made volume's image, attach it, record it available or error.
+pub(crate) fn make_volume(d: &Daemon, job: MakeVolumeJob) {
+    let id = &job.volume;
+    let r = d
+        .engine
+        .make_image(
+            job.from.as_ref().map(|(c, s)| (c.as_path(), *s)),
+            &job.image,
+            job.size_bytes,
+        )
+        .and_then(|()| {
+            crate::fault::point("volume-attach");
+            d.engine.attach(&job.image)
+        });
+    let saved = match r {
+        Ok(dev) => {
+            tracing::info!(volume = %id, device = %dev.display(), "volume available");
+            d.update_volume(id, |r| {
+                r.status = VolStatus::Available;
+                r.error = None;
+                r.metadata
+                    .insert("blocksnap:device".into(), dev.display().to_string());
+                if let VolumeKind::Made { device, .. } = &mut r.kind {
+                    *device = Some(dev);
+                }
+            })
+        }
+        Err(e) => {
+            let msg = error_chain(&e);
+            tracing::error!(volume = %id, "volume creation failed: {msg}");
+            if let Err(e) = d.engine.remove(&job.image) {
+                tracing::warn!(volume = %id, "{}", error_chain(&e));
+            }
+            d.update_volume(id, |r| {
+                r.status = VolStatus::Error;
+                r.error = Some(msg);
+            })
+        }
+    };
+    if let Err(e) = saved {
+        unrecorded(&format!("volume {id}"), e);
+    }
+}
+
+/// What deleting a made volume needs.
+#[derive(Clone, Debug)]
+pub(crate) struct DeleteVolumeJob {
+    pub volume: String,
+    pub image: PathBuf,
+    pub device: Option<PathBuf>,
+    pub chain: PathBuf,
+}
+
+/// Detach a made volume and remove its files, then forget its record.
+pub(crate) fn delete_volume(d: &Daemon, job: DeleteVolumeJob) {
+    let id = &job.volume;
+    let r = (|| -> Result<(), EngineError> {
+        if let Some(dev) = &job.device {
+            d.engine.detach(dev)?;
+        }
+        d.engine.remove(&job.image)?;
+        d.engine.remove(&crate::chain::side_file(&job.chain))?;
+        d.engine.remove(&job.chain)
+    })();
+    let saved = match r {
+        Ok(()) => {
+            tracing::info!(volume = %id, "volume deleted");
+            d.apply(&[Change::RemoveVolume(id.clone())])
+        }
+        Err(e) => {
+            let msg = error_chain(&e);
+            tracing::error!(volume = %id, "volume delete failed: {msg}");
+            d.update_volume(id, |r| {
+                r.status = VolStatus::ErrorDeleting;
+                r.error = Some(msg);
+            })
+            .map(drop)
+        }
+    };
+    if let Err(e) = saved {
+        unrecorded(&format!("the delete of volume {id}"), e);
+    }
+}
+
+/// What a revert needs.
+#[derive(Clone, Debug)]
+pub(crate) struct RevertJob {
+    pub volume: String,
+    pub device: PathBuf,
+    pub chain: PathBuf,
+    pub snapshot: Uuid,
+    /// Resumed after a restart: the device may already be partly reverted.
+    pub resumed: bool,
+}
+
+/// Revert a device, then record the outcome and clear the intent. The
+/// revert metadata then describes this revert, and only if it completed.
+pub(crate) fn revert(d: &Daemon, job: RevertJob) {
+    let id = &job.volume;
+    let snap = job.snapshot;
+    let shown = d.track_progress(id);
+    crate::fault::point("revert-before-write");
+    let r = d
+        .engine
+        .revert(&job.chain, snap, &job.device, &shown.progress);
+    crate::fault::point("revert-before-catalog");
+    let saved = match r {
+        Ok(out) => {
+            tracing::info!(volume = %id, snapshot = %snap, blocks_checked = out.blocks_checked, blocks_written = out.blocks_written, resumed = job.resumed, "volume reverted");
+            d.metrics.reverted(id, out.blocks_written);
+            d.update_volume(id, |r| {
+                r.reverting = None;
+                r.status = VolStatus::Available;
+                r.error = None;
+                r.metadata
+                    .insert("blocksnap:reverted_to".into(), snap.to_string());
+                r.metadata.insert(
+                    "blocksnap:reverted_blocks".into(),
+                    out.blocks_written.to_string(),
+                );
+            })
+        }
+        Err(e) => {
+            let msg = error_chain(&e);
+            tracing::error!(volume = %id, snapshot = %snap, resumed = job.resumed, "revert failed: {msg}");
+            // Nothing written (and nothing left by an earlier run): the
+            // volume is as it was.
+            let partial = job.resumed || e.partly_reverted();
+            d.update_volume(id, |r| {
+                r.reverting = None;
+                if partial {
+                    r.status = VolStatus::Error;
+                    r.error = Some(partly_reverted(snap, &msg));
+                } else {
+                    r.error = Some(msg);
+                }
+            })
+        }
+    };
+    if let Err(e) = saved {
+        unrecorded(&format!("the revert of volume {id}"), e);
+    }
+}

@@ -1,0 +1,293 @@
+//! Snapshot operations: list, show, create, rename, delete, metadata.
+
+use std::collections::BTreeMap;
+
+use uuid::Uuid;
+
+use super::jobs::{self, Subject};
+use super::{
+    changed_metadata, check_change, check_items, check_text, About, Caller, Field, MetadataChange,
+    OpError, Ops, Snapshot,
+};
+use crate::daemon::catalog::{SnapStatus, SnapshotRecord, VolStatus};
+use crate::daemon::claims::{Resource, Want};
+use crate::daemon::engine::TakeJob;
+use crate::daemon::store::{Change, Page, SnapshotQuery, SortDir, SortKey, StoreError};
+use crate::quiesce::{self, Mode};
+use crate::util::now_micros;
+
+/// A new snapshot of a volume.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CreateSnapshot {
+    pub volume_id: String,
+    /// Take a crash-consistent snapshot of a mounted volume whose quiesce
+    /// mode is none.
+    pub force: bool,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// New name and description (what is `None` stays).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpdateSnapshot {
+    pub name: Option<String>,
+    pub description: Option<String>,
+}
+
+/// Which snapshots to list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotFilter {
+    pub status: Option<String>,
+    pub volume_id: Option<String>,
+    pub name: Option<String>,
+    pub page: Page,
+}
+
+impl Ops {
+    /// The snapshots the caller may see, newest first (or as `f` sorts).
+    pub fn list_snapshots(&self, c: &Caller, f: &SnapshotFilter) -> Result<Vec<Snapshot>, OpError> {
+        let q = SnapshotQuery {
+            tenant: Some(c.tenant.clone()),
+            volumes: Some(self.visible_volume_ids(c)?),
+            volume_id: f.volume_id.clone(),
+            status: f.status.clone(),
+            name: f.name.clone(),
+            page: f.page.clone(),
+        };
+        let records = self.d.store().snapshots(&q).map_err(|e| match e {
+            StoreError::UnknownMarker(m) => OpError::BadMarker(m),
+            e => e.into(),
+        })?;
+        Ok(records.into_iter().map(|r| self.snapshot_of(r)).collect())
+    }
+
+    /// One snapshot; `id` as the request gave it.
+    pub fn snapshot(&self, c: &Caller, id: &str) -> Result<Snapshot, OpError> {
+        Ok(self.snapshot_of(self.find_snapshot_record(c, id)?))
+    }
+
+    /// Start a snapshot of a volume: answered once its record (status
+    /// creating) is durable; the take runs in the background.
+    pub fn create_snapshot(&self, c: &Caller, req: CreateSnapshot) -> Result<Snapshot, OpError> {
+        check_text(Field::Name, req.name.as_deref())?;
+        check_text(Field::Description, req.description.as_deref())?;
+        check_items(&req.metadata)?;
+        let metadata = changed_metadata(
+            &BTreeMap::new(),
+            &MetadataChange::Merge(req.metadata),
+            false,
+        )?;
+        let vol = self.find_volume(c, &req.volume_id)?;
+        let d = &self.d;
+        let mounted = d.mounted(&vol).unwrap_or(false);
+        let size = d.device_size(&vol);
+        // A made volume must be available; a configured one must not be
+        // marked error (partly reverted).
+        let unavailable = if vol.configured {
+            vol.record.status == VolStatus::Error
+        } else {
+            vol.record.status != VolStatus::Available
+        };
+        if unavailable {
+            return Err(OpError::VolumeNotAvailable);
+        }
+        // A mounted volume is snapshotted safely by freezing or unmounting
+        // it; with quiesce none only a forced, crash-consistent snapshot is
+        // possible.
+        if mounted && vol.quiesce == Mode::None && !req.force {
+            return Err(OpError::VolumeNotAvailable);
+        }
+        let size = size.ok_or_else(|| OpError::DeviceUnreadable(vol.id.clone()))?;
+        let device = vol
+            .device
+            .clone()
+            .ok_or_else(|| OpError::DeviceUnreadable(vol.id.clone()))?;
+        let id = Uuid::new_v4();
+        let claim = d
+            .claims
+            .acquire(vec![Want::exclusive(
+                Resource::Volume(vol.id.clone()),
+                format!("snapshot {id} is being created"),
+            )])
+            .map_err(OpError::in_use(About::Volume))?;
+        let record = SnapshotRecord {
+            id,
+            volume_id: vol.id.clone(),
+            tenant: Some(c.tenant.clone()),
+            status: SnapStatus::Creating,
+            display_name: req.name.unwrap_or_default(),
+            display_description: req.description.unwrap_or_default(),
+            metadata,
+            created_us: now_micros(),
+            updated_us: 0,
+            size_bytes: size,
+            error: None,
+            changed_bytes: 0,
+            stored_bytes: 0,
+            freeze_ms: 0.0,
+        };
+        d.apply(&[Change::PutSnapshot(record.clone())])?;
+        tracing::info!(volume = %vol.id, snapshot = %id, force = req.force, "snapshot requested");
+        let mut keep_off = vec![d.config.state_dir.clone(), d.config.socket.clone()];
+        keep_off.dedup();
+        let job = TakeJob {
+            volume: vol.id.clone(),
+            device,
+            chain: d.chain_path(&vol.id),
+            snapshot_id: id,
+            name: record.display_name.clone(),
+            description: record.display_description.clone(),
+            metadata: record.metadata.clone(),
+            block_size: vol.block_size,
+            quiesce: quiesce::Options {
+                mode: vol.quiesce,
+                force: req.force,
+                max_freeze: vol.max_freeze,
+                intent_dir: Some(d.intent_dir()),
+                keep_off,
+            },
+        };
+        d.spawn(
+            Subject::Take {
+                volume: vol.id.clone(),
+                snapshot: id,
+            },
+            claim,
+            move |d| jobs::take(d, job),
+        );
+        Ok(Snapshot {
+            record,
+            progress: None,
+        })
+    }
+
+    /// Rename a snapshot or change its description.
+    pub fn update_snapshot(
+        &self,
+        c: &Caller,
+        id: &str,
+        req: UpdateSnapshot,
+    ) -> Result<Snapshot, OpError> {
+        let r = self.find_snapshot_record(c, id)?;
+        check_text(Field::Name, req.name.as_deref())?;
+        check_text(Field::Description, req.description.as_deref())?;
+        let (_, rec) = self
+            .d
+            .update_snapshot(r.id, |rec| {
+                if let Some(n) = req.name {
+                    rec.display_name = n;
+                }
+                if let Some(n) = req.description {
+                    rec.display_description = n;
+                }
+            })?
+            .ok_or(OpError::NotFound)?;
+        Ok(self.snapshot_of(rec))
+    }
+
+    /// Start deleting a snapshot: answered once its record says deleting;
+    /// the delete (and the merge into its successor) runs in the background.
+    pub fn delete_snapshot(&self, c: &Caller, id: &str) -> Result<(), OpError> {
+        let r = self.find_snapshot_record(c, id)?;
+        let deletable = |s: SnapStatus| matches!(s, SnapStatus::Available | SnapStatus::Error);
+        if !deletable(r.status) {
+            return Err(OpError::SnapshotNotDeletable);
+        }
+        let d = &self.d;
+        let mut wants = vec![
+            Want::exclusive(
+                Resource::Volume(r.volume_id.clone()),
+                format!("snapshot {} is being deleted", r.id),
+            ),
+            Want::exclusive(Resource::Snapshot(r.id), "it is being deleted"),
+        ];
+        if let Some(next) = self.successor(&r)? {
+            wants.push(Want::exclusive(
+                Resource::Snapshot(next),
+                format!("snapshot {} is being deleted and merged into it", r.id),
+            ));
+        }
+        let claim = d
+            .claims
+            .acquire(wants)
+            .map_err(OpError::in_use(About::Snapshot))?;
+        // Under the claim: nothing else can change its status now.
+        let (ok, rec) = d
+            .update_snapshot(r.id, |rec| {
+                let ok = deletable(rec.status);
+                if ok {
+                    rec.status = SnapStatus::Deleting;
+                }
+                ok
+            })?
+            .ok_or_else(|| OpError::SnapshotNotFound(r.id.to_string()))?;
+        if !ok {
+            return Err(OpError::SnapshotNotDeletable);
+        }
+        tracing::info!(volume = %rec.volume_id, snapshot = %rec.id, "snapshot delete requested");
+        let job = jobs::DeleteSnapshotJob {
+            chain: d.chain_path(&rec.volume_id),
+            volume: rec.volume_id.clone(),
+            snapshot: rec.id,
+        };
+        d.spawn(
+            Subject::DeleteSnapshot {
+                volume: rec.volume_id,
+                snapshot: rec.id,
+            },
+            claim,
+            move |d| jobs::delete_snapshot(d, job),
+        );
+        Ok(())
+    }
+
+    /// The snapshot a delete merges into: the next one of the same volume.
+    fn successor(&self, r: &SnapshotRecord) -> Result<Option<Uuid>, OpError> {
+        let q = SnapshotQuery {
+            volume_id: Some(r.volume_id.clone()),
+            status: Some(SnapStatus::Available.as_str().to_string()),
+            page: Page {
+                sort: vec![(SortKey::CreatedAt, SortDir::Asc)],
+                ..Page::default()
+            },
+            ..SnapshotQuery::default()
+        };
+        Ok(self
+            .d
+            .store()
+            .snapshots(&q)?
+            .into_iter()
+            .find(|s| (s.created_us, s.id) > (r.created_us, r.id))
+            .map(|s| s.id))
+    }
+
+    /// A snapshot's metadata.
+    pub fn snapshot_metadata(
+        &self,
+        c: &Caller,
+        id: &str,
+    ) -> Result<BTreeMap<String, String>, OpError> {
+        Ok(self.find_snapshot_record(c, id)?.metadata)
+    }
+
+    /// Change a snapshot's metadata; returns all of it afterwards.
+    pub fn change_snapshot_metadata(
+        &self,
+        c: &Caller,
+        id: &str,
+        change: MetadataChange,
+    ) -> Result<BTreeMap<String, String>, OpError> {
+        let r = self.find_snapshot_record(c, id)?;
+        check_change(&change)?;
+        let (m, _) = self
+            .d
+            .update_snapshot(r.id, |rec| -> Result<_, OpError> {
+                let m = changed_metadata(&rec.metadata, &change, false)?;
+                rec.metadata = m.clone();
+                Ok(m)
+            })?
+            .ok_or(OpError::NotFound)?;
+        m
+    }
+}

@@ -1,0 +1,457 @@
+//! Volume operations: list, show, make (from a snapshot or blank), update,
+//! metadata, delete, revert.
+
+use std::collections::BTreeMap;
+
+use uuid::Uuid;
+
+use super::jobs::{self, Subject};
+use super::{
+    changed_metadata, check_change, check_items, check_text, check_unreserved, About, Caller,
+    Field, MetadataChange, OpError, Ops, Volume, VolumeStatus,
+};
+use crate::daemon::catalog::{RevertIntent, SnapStatus, VolStatus, VolumeKind, VolumeRecord};
+use crate::daemon::claims::{Resource, Want};
+use crate::daemon::store::{Change, Page, SnapshotQuery, VolumeQuery};
+use crate::defaults::{made_volume, GB};
+use crate::util::now_micros;
+
+/// A new volume: from a snapshot, or blank.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CreateVolume {
+    pub snapshot_id: Option<String>,
+    /// Size in GB; a size that is not a whole number of GB is given as 0.
+    pub size_gb: Option<u64>,
+    /// Cloning a volume or an image is refused.
+    pub source_volid: Option<String>,
+    pub image_ref: Option<String>,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// New name, description or metadata (what is `None` stays).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpdateVolume {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Replaces the metadata (the daemon's own `blocksnap:` items stay).
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// Make a volume hold one of its snapshots again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevertVolume {
+    pub snapshot_id: String,
+}
+
+/// Which volumes to list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeFilter {
+    /// Live status ("available", "in-use", ...).
+    pub status: Option<String>,
+    pub name: Option<String>,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+/// Cinder counts sizes in whole GB, rounded up.
+pub fn gb(bytes: u64) -> u64 {
+    bytes.div_ceil(GB)
+}
+
+impl Ops {
+    /// The volumes the caller may see, newest first.
+    pub fn list_volumes(&self, c: &Caller, f: &VolumeFilter) -> Result<Vec<Volume>, OpError> {
+        let mut vols: Vec<_> = self
+            .d
+            .volumes()?
+            .into_iter()
+            .filter(|v| v.visible_to(&c.tenant))
+            .filter(|v| f.name.as_ref().is_none_or(|n| &v.record.display_name == n))
+            .collect();
+        vols.sort_by(|a, b| {
+            b.record
+                .created_us
+                .cmp(&a.record.created_us)
+                .then(a.id.cmp(&b.id))
+        });
+        Ok(vols
+            .into_iter()
+            .map(|v| self.volume_of(v))
+            .filter(|v| f.status.as_deref().is_none_or(|s| v.status.as_str() == s))
+            .skip(f.offset)
+            .take(f.limit)
+            .collect())
+    }
+
+    /// One volume.
+    pub fn volume(&self, c: &Caller, id: &str) -> Result<Volume, OpError> {
+        Ok(self.volume_of(self.find_volume(c, id)?))
+    }
+
+    /// Start making a volume: answered once its record (status creating) is
+    /// durable; the image is written and attached in the background.
+    pub fn create_volume(&self, c: &Caller, req: CreateVolume) -> Result<Volume, OpError> {
+        check_text(Field::Name, req.name.as_deref())?;
+        check_text(Field::Description, req.description.as_deref())?;
+        check_items(&req.metadata)?;
+        check_unreserved(req.metadata.keys())?;
+        let metadata =
+            changed_metadata(&BTreeMap::new(), &MetadataChange::Merge(req.metadata), true)?;
+        if let Some(n) = req.size_gb {
+            if n == 0 || n > made_volume::MAX_GB {
+                return Err(OpError::BadSize {
+                    max: made_volume::MAX_GB,
+                });
+            }
+        }
+        if req.snapshot_id.is_some() && (req.source_volid.is_some() || req.image_ref.is_some()) {
+            return Err(OpError::SourcesCombined);
+        }
+        if req.source_volid.is_some() || req.image_ref.is_some() {
+            return Err(OpError::CloneUnsupported);
+        }
+        let d = &self.d;
+        let (source, size_bytes) = match &req.snapshot_id {
+            Some(sid) => {
+                let uid = Uuid::parse_str(sid)
+                    .map_err(|_| OpError::SourceSnapshotNotFound(super::clean_id(sid)))?;
+                let snap = self
+                    .find_snapshot_record(c, &uid.to_string())
+                    .map_err(|e| match e {
+                        OpError::SnapshotNotFound(_) => {
+                            OpError::SourceSnapshotNotFound(uid.to_string())
+                        }
+                        e => e,
+                    })?;
+                if snap.status != SnapStatus::Available {
+                    return Err(OpError::SourceSnapshotNotAvailable);
+                }
+                let snap_gb = gb(snap.size_bytes);
+                let want = req.size_gb.unwrap_or(snap_gb);
+                if want < snap_gb {
+                    return Err(OpError::SmallerThanSnapshot {
+                        want,
+                        snapshot: snap_gb,
+                    });
+                }
+                // Exactly the snapshot's bytes unless a larger size was asked for.
+                let bytes = if req.size_gb.is_some() && want > snap_gb {
+                    want * GB
+                } else {
+                    snap.size_bytes
+                };
+                (Some(snap), bytes)
+            }
+            None => (None, req.size_gb.ok_or(OpError::NoSource)? * GB),
+        };
+        let max = d.config.max_made_volumes;
+        let made = |s: &dyn crate::daemon::store::Store| -> Result<usize, OpError> {
+            Ok(s.volumes(&VolumeQuery::default())?
+                .iter()
+                .filter(|v| matches!(v.kind, VolumeKind::Made { .. }))
+                .count())
+        };
+        if made(d.store())? >= max {
+            return Err(OpError::VolumeLimit(max));
+        }
+        let id = Uuid::new_v4().to_string();
+        let mut wants = vec![Want::exclusive(
+            Resource::Volume(id.clone()),
+            format!("volume {id} is being created"),
+        )
+        .showing("creating")];
+        if let Some(s) = &source {
+            wants.push(Want::shared(
+                Resource::Snapshot(s.id),
+                format!("volume {id} is being created from it"),
+            ));
+        }
+        let claim = d
+            .claims
+            .acquire(wants)
+            .map_err(OpError::in_use(About::Snapshot))?;
+        let image = d.image_path(&id);
+        let record = VolumeRecord {
+            id: id.clone(),
+            kind: VolumeKind::Made {
+                image: image.clone(),
+                device: None,
+                snapshot_id: source.as_ref().map(|s| s.id),
+            },
+            tenant: Some(c.tenant.clone()),
+            status: VolStatus::Creating,
+            display_name: req.name.unwrap_or_default(),
+            display_description: req.description.unwrap_or_default(),
+            metadata,
+            created_us: now_micros(),
+            updated_us: 0,
+            size_bytes,
+            error: None,
+            reverting: None,
+        };
+        d.write(|s| -> Result<(), OpError> {
+            // Under the claim: the snapshot cannot be deleted from now on;
+            // check it was not deleted before.
+            if let Some(src) = &source {
+                if s.snapshot(src.id)?
+                    .is_none_or(|r| r.status != SnapStatus::Available)
+                {
+                    return Err(OpError::SourceSnapshotNotAvailable);
+                }
+            }
+            if made(s)? >= max {
+                return Err(OpError::VolumeLimit(max));
+            }
+            s.apply(&[Change::PutVolume(record.clone())])?;
+            Ok(())
+        })?;
+        tracing::info!(volume = %id, snapshot = ?source.as_ref().map(|s| s.id), size_bytes, "volume requested");
+        let job = jobs::MakeVolumeJob {
+            volume: id.clone(),
+            image,
+            from: source.as_ref().map(|s| (d.chain_path(&s.volume_id), s.id)),
+            size_bytes,
+        };
+        d.spawn(
+            Subject::MakeVolume { volume: id.clone() },
+            claim,
+            move |d| jobs::make_volume(d, job),
+        );
+        // As recorded when answered: being created, of the size asked for.
+        let info = crate::daemon::Daemon::made_info(record).expect("a made volume");
+        Ok(Volume {
+            info,
+            status: VolumeStatus::Creating,
+            size_bytes,
+            progress: None,
+        })
+    }
+
+    /// Rename a volume, change its description or replace its metadata.
+    pub fn update_volume(
+        &self,
+        c: &Caller,
+        id: &str,
+        req: UpdateVolume,
+    ) -> Result<Volume, OpError> {
+        let v = self.find_volume(c, id)?;
+        check_text(Field::Name, req.name.as_deref())?;
+        check_text(Field::Description, req.description.as_deref())?;
+        let change = req.metadata.map(MetadataChange::Replace);
+        if let Some(ch) = &change {
+            check_change(ch)?;
+        }
+        let (r, rec) = self
+            .d
+            .update_volume(&v.id, |r| -> Result<(), OpError> {
+                let m = match &change {
+                    Some(ch) => Some(changed_metadata(&r.metadata, ch, true)?),
+                    None => None,
+                };
+                if let Some(n) = req.name {
+                    r.display_name = n;
+                }
+                if let Some(n) = req.description {
+                    r.display_description = n;
+                }
+                if let Some(m) = m {
+                    r.metadata = m;
+                }
+                Ok(())
+            })?
+            .ok_or_else(|| OpError::VolumeNotFound(v.id.clone()))?;
+        r?;
+        Ok(self.volume_of(crate::daemon::VolumeInfo { record: rec, ..v }))
+    }
+
+    /// A volume's metadata.
+    pub fn volume_metadata(
+        &self,
+        c: &Caller,
+        id: &str,
+    ) -> Result<BTreeMap<String, String>, OpError> {
+        Ok(self.find_volume(c, id)?.record.metadata)
+    }
+
+    /// Change a volume's metadata (its `blocksnap:` items stay); returns all
+    /// of it afterwards.
+    pub fn change_volume_metadata(
+        &self,
+        c: &Caller,
+        id: &str,
+        change: MetadataChange,
+    ) -> Result<BTreeMap<String, String>, OpError> {
+        let v = self.find_volume(c, id)?;
+        check_change(&change)?;
+        let (m, _) = self
+            .d
+            .update_volume(&v.id, |r| -> Result<_, OpError> {
+                let m = changed_metadata(&r.metadata, &change, true)?;
+                r.metadata = m.clone();
+                Ok(m)
+            })?
+            .ok_or_else(|| OpError::VolumeNotFound(v.id.clone()))?;
+        m
+    }
+
+    /// Start deleting a made volume: answered once its record says
+    /// deleting; it is detached and removed in the background.
+    pub fn delete_volume(&self, c: &Caller, id: &str) -> Result<(), OpError> {
+        let v = self.find_volume(c, id)?;
+        let d = &self.d;
+        if v.configured {
+            return Err(OpError::VolumeConfigured {
+                id: v.id.clone(),
+                config: d.config.path.display().to_string(),
+            });
+        }
+        let dependents = |s: &dyn crate::daemon::store::Store| -> Result<usize, OpError> {
+            Ok(s.snapshots(&SnapshotQuery {
+                volume_id: Some(v.id.clone()),
+                page: Page::default(),
+                ..SnapshotQuery::default()
+            })?
+            .len())
+        };
+        let n = dependents(d.store())?;
+        if n > 0 {
+            return Err(OpError::DependentSnapshots(n));
+        }
+        let deletable = |s: VolStatus| matches!(s, VolStatus::Available | VolStatus::Error);
+        if !deletable(v.record.status) {
+            return Err(OpError::VolumeNotDeletable);
+        }
+        if d.mounted(&v).unwrap_or(true) {
+            return Err(OpError::VolumeMounted);
+        }
+        let claim = d
+            .claims
+            .acquire(vec![Want::exclusive(
+                Resource::Volume(v.id.clone()),
+                format!("volume {} is being deleted", v.id),
+            )
+            .showing("deleting")])
+            .map_err(OpError::in_use(About::Volume))?;
+        // Under the claim no snapshot of it can start; check none was taken
+        // before, and that its status still allows it.
+        let rec = d.write(|s| -> Result<VolumeRecord, OpError> {
+            let n = dependents(s)?;
+            if n > 0 {
+                return Err(OpError::DependentSnapshots(n));
+            }
+            let mut r = s
+                .volume(&v.id)?
+                .ok_or_else(|| OpError::VolumeNotFound(v.id.clone()))?;
+            if !deletable(r.status) {
+                return Err(OpError::VolumeNotDeletable);
+            }
+            r.status = VolStatus::Deleting;
+            r.updated_us = now_micros();
+            s.apply(&[Change::PutVolume(r.clone())])?;
+            Ok(r)
+        })?;
+        let VolumeKind::Made { image, device, .. } = rec.kind else {
+            return Err(OpError::VolumeNotDeletable);
+        };
+        tracing::info!(volume = %v.id, "volume delete requested");
+        let job = jobs::DeleteVolumeJob {
+            volume: v.id.clone(),
+            image,
+            device,
+            chain: d.chain_path(&v.id),
+        };
+        d.spawn(
+            Subject::DeleteVolume {
+                volume: v.id.clone(),
+            },
+            claim,
+            move |d| jobs::delete_volume(d, job),
+        );
+        Ok(())
+    }
+
+    /// Start reverting a volume to one of its snapshots: answered once the
+    /// revert is recorded durably (before its first write); the revert runs
+    /// in the background and, after a crash, is resumed or the volume is
+    /// marked partly reverted.
+    pub fn revert_volume(&self, c: &Caller, id: &str, req: RevertVolume) -> Result<(), OpError> {
+        let v = self.find_volume(c, id)?;
+        let snap = self.find_snapshot_record(c, &req.snapshot_id)?;
+        if snap.volume_id != v.id {
+            return Err(OpError::SnapshotOfOtherVolume {
+                snapshot: snap.id,
+                owner: snap.volume_id,
+                volume: v.id,
+            });
+        }
+        if snap.status != SnapStatus::Available {
+            return Err(OpError::RevertSnapshotNotAvailable);
+        }
+        let d = &self.d;
+        if d.mounted(&v).unwrap_or(true) {
+            return Err(OpError::MountedForRevert);
+        }
+        let device = v
+            .device
+            .clone()
+            .ok_or_else(|| OpError::DeviceUnreadable(v.id.clone()))?;
+        let claim = d
+            .claims
+            .acquire(vec![
+                Want::exclusive(
+                    Resource::Volume(v.id.clone()),
+                    format!("volume {} is being reverted to snapshot {}", v.id, snap.id),
+                )
+                .showing(VolumeStatus::Reverting.as_str()),
+                Want::shared(
+                    Resource::Snapshot(snap.id),
+                    format!("volume {} is being reverted to it", v.id),
+                ),
+            ])
+            .map_err(OpError::in_use(About::Volume))?;
+        let intent = RevertIntent {
+            snapshot_id: snap.id,
+            started_us: now_micros(),
+        };
+        // The intent is durable before the first write; the metadata of the
+        // last completed revert goes, as it no longer describes the device.
+        d.write(|s| -> Result<(), OpError> {
+            if s.snapshot(snap.id)?
+                .is_none_or(|r| r.status != SnapStatus::Available)
+            {
+                return Err(OpError::RevertSnapshotNotAvailable);
+            }
+            let mut r = match s.volume(&v.id)? {
+                Some(r) => r,
+                None => v.record.clone(),
+            };
+            r.reverting = Some(intent);
+            r.metadata.retain(|k, _| !k.starts_with(REVERT_KEYS));
+            r.updated_us = now_micros();
+            s.apply(&[Change::PutVolume(r)])?;
+            Ok(())
+        })?;
+        tracing::info!(volume = %v.id, snapshot = %snap.id, "revert requested");
+        let job = jobs::RevertJob {
+            volume: v.id.clone(),
+            device,
+            chain: d.chain_path(&v.id),
+            snapshot: snap.id,
+            resumed: false,
+        };
+        d.spawn(
+            Subject::Revert {
+                volume: v.id.clone(),
+                snapshot: snap.id,
+            },
+            claim,
+            move |d| jobs::revert(d, job),
+        );
+        Ok(())
+    }
+}
+
+/// The metadata items describing the last completed revert.
+pub(crate) const REVERT_KEYS: &str = "blocksnap:reverted_";
