@@ -126,19 +126,6 @@ pub struct VolumeRecord {
     pub size_bytes: u64,
     #[serde(default)]
     pub error: Option<String>,
-    /// A revert in progress: recorded (durably) before its first write to
-    /// the device and cleared when it ends, so a restart knows the device
-    /// may be partly reverted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reverting: Option<RevertIntent>,
-}
-
-/// A revert that was started: the snapshot the device is being made to hold.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RevertIntent {
-    pub snapshot_id: Uuid,
-    pub started_us: i64,
 }
 
 /// Everything the daemon remembers.

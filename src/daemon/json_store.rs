@@ -7,8 +7,7 @@
 //! Unlike the old catalog code it saves under its lock, in order, through a
 //! uniquely named temporary file, and a change is visible only once its
 //! file is durable. It still rewrites the whole file on every change, which
-//! does not scale to 10^5 records; and it cannot rebuild a lost file. It is
-//! also the in-memory store of tests when given no file.
+//! does not scale to 10^5 records; and it cannot rebuild a lost file.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,13 +17,16 @@ use std::sync::{Mutex, MutexGuard};
 use uuid::Uuid;
 
 use super::catalog::{Catalog, SnapshotRecord, VolumeRecord};
-use super::store::{Change, Page, SnapshotQuery, SortDir, SortKey, Store, StoreError, VolumeQuery};
+use super::store::{Change, MemStore, SnapshotQuery, Store, StoreError, VolumeQuery};
 
 /// The catalog in memory, saved to `path` (if any) on every change.
 #[derive(Debug)]
 pub struct JsonStore {
     path: Option<PathBuf>,
+    /// What the file holds.
     cat: Mutex<Catalog>,
+    /// The same records, for queries.
+    mem: MemStore,
 }
 
 fn boxed(
@@ -41,18 +43,15 @@ impl JsonStore {
             path: path.clone(),
             source: boxed(e),
         })?;
+        let mem = MemStore::with_records(
+            cat.snapshots.values().cloned(),
+            cat.volumes.values().cloned(),
+        );
         Ok(JsonStore {
             path: Some(path),
             cat: Mutex::new(cat),
+            mem,
         })
-    }
-
-    /// A store that lives in memory only.
-    pub fn in_memory() -> JsonStore {
-        JsonStore {
-            path: None,
-            cat: Mutex::new(Catalog::default()),
-        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Catalog> {
@@ -109,84 +108,6 @@ fn apply_to(cat: &mut Catalog, changes: &[Change]) {
     }
 }
 
-/// The fields a list sorts by.
-trait Sortable {
-    fn id_text(&self) -> String;
-    fn key(&self, k: SortKey) -> Key;
-}
-
-#[derive(PartialEq, PartialOrd)]
-enum Key {
-    Int(i64),
-    Text(String),
-}
-
-impl Sortable for SnapshotRecord {
-    fn id_text(&self) -> String {
-        self.id.to_string()
-    }
-    fn key(&self, k: SortKey) -> Key {
-        match k {
-            SortKey::CreatedAt => Key::Int(self.created_us),
-            SortKey::UpdatedAt => Key::Int(self.updated_us),
-            SortKey::Id => Key::Text(self.id.to_string()),
-            SortKey::Name => Key::Text(self.display_name.clone()),
-            SortKey::Status => Key::Text(self.status.as_str().to_string()),
-            SortKey::Size => Key::Int(self.size_bytes as i64),
-        }
-    }
-}
-
-impl Sortable for VolumeRecord {
-    fn id_text(&self) -> String {
-        self.id.clone()
-    }
-    fn key(&self, k: SortKey) -> Key {
-        match k {
-            SortKey::CreatedAt => Key::Int(self.created_us),
-            SortKey::UpdatedAt => Key::Int(self.updated_us),
-            SortKey::Id => Key::Text(self.id.clone()),
-            SortKey::Name => Key::Text(self.display_name.clone()),
-            SortKey::Status => Key::Text(self.status.as_str().to_string()),
-            SortKey::Size => Key::Int(self.size_bytes as i64),
-        }
-    }
-}
-
-fn page<T: Sortable>(mut v: Vec<T>, p: &Page) -> Result<Vec<T>, StoreError> {
-    v.sort_by(|a, b| {
-        for (k, dir) in &p.sort {
-            let o = a
-                .key(*k)
-                .partial_cmp(&b.key(*k))
-                .unwrap_or(std::cmp::Ordering::Equal);
-            let o = if *dir == SortDir::Desc {
-                o.reverse()
-            } else {
-                o
-            };
-            if o != std::cmp::Ordering::Equal {
-                return o;
-            }
-        }
-        a.id_text().cmp(&b.id_text())
-    });
-    let start = match &p.marker {
-        None => 0,
-        Some(m) => {
-            v.iter()
-                .position(|r| &r.id_text() == m)
-                .ok_or_else(|| StoreError::UnknownMarker(m.clone()))?
-                + 1
-        }
-    };
-    Ok(v.into_iter()
-        .skip(start)
-        .skip(p.offset)
-        .take(p.limit)
-        .collect())
-}
-
 impl Store for JsonStore {
     fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
         let mut cat = self.lock();
@@ -197,56 +118,26 @@ impl Store for JsonStore {
                 serde_json::to_vec_pretty(&next).map_err(|e| StoreError::Write(boxed(e)))?;
             save(path, &bytes).map_err(|e| StoreError::Write(boxed(e)))?;
         }
+        // Under the same lock, so reads see the changes in the order saved.
+        self.mem.apply(changes)?;
         *cat = next;
         Ok(())
     }
 
     fn snapshot(&self, id: Uuid) -> Result<Option<SnapshotRecord>, StoreError> {
-        Ok(self.lock().snapshots.get(&id).cloned())
+        self.mem.snapshot(id)
     }
 
     fn snapshots(&self, q: &SnapshotQuery) -> Result<Vec<SnapshotRecord>, StoreError> {
-        let v: Vec<SnapshotRecord> = self
-            .lock()
-            .snapshots
-            .values()
-            .filter(|r| {
-                q.tenant
-                    .as_ref()
-                    .is_none_or(|t| r.tenant.as_ref().is_none_or(|rt| rt == t))
-            })
-            .filter(|r| {
-                q.volumes
-                    .as_ref()
-                    .is_none_or(|vs| vs.contains(&r.volume_id))
-            })
-            .filter(|r| q.volume_id.as_ref().is_none_or(|v| &r.volume_id == v))
-            .filter(|r| q.status.as_deref().is_none_or(|s| r.status.as_str() == s))
-            .filter(|r| q.name.as_ref().is_none_or(|n| &r.display_name == n))
-            .cloned()
-            .collect();
-        page(v, &q.page)
+        self.mem.snapshots(q)
     }
 
     fn volume(&self, id: &str) -> Result<Option<VolumeRecord>, StoreError> {
-        Ok(self.lock().volumes.get(id).cloned())
+        self.mem.volume(id)
     }
 
     fn volumes(&self, q: &VolumeQuery) -> Result<Vec<VolumeRecord>, StoreError> {
-        let v: Vec<VolumeRecord> = self
-            .lock()
-            .volumes
-            .values()
-            .filter(|r| {
-                q.tenant
-                    .as_ref()
-                    .is_none_or(|t| r.tenant.as_ref().is_none_or(|rt| rt == t))
-            })
-            .filter(|r| q.status.as_deref().is_none_or(|s| r.status.as_str() == s))
-            .filter(|r| q.name.as_ref().is_none_or(|n| &r.display_name == n))
-            .cloned()
-            .collect();
-        page(v, &q.page)
+        self.mem.volumes(q)
     }
 }
 
@@ -294,29 +185,5 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("catalog.json")]);
-    }
-
-    #[test]
-    fn pages_in_order_with_markers() {
-        let s = JsonStore::in_memory();
-        let recs: Vec<Change> = (1..=5)
-            .map(|i| Change::PutSnapshot(snap(i, (i % 3) as i64)))
-            .collect();
-        s.apply(&recs).unwrap();
-        let ids = |q: &SnapshotQuery| -> Vec<u128> {
-            s.snapshots(q)
-                .unwrap()
-                .iter()
-                .map(|r| r.id.as_u128())
-                .collect()
-        };
-        // created 2,2,1,1,0 for ids 2,5,1,4,3 (newest first, then by id).
-        assert_eq!(ids(&SnapshotQuery::default()), [2, 5, 1, 4, 3]);
-        let mut q = SnapshotQuery::default();
-        q.page.marker = Some(Uuid::from_u128(5).to_string());
-        q.page.limit = 2;
-        assert_eq!(ids(&q), [1, 4]);
-        q.page.marker = Some("nope".into());
-        assert!(matches!(s.snapshots(&q), Err(StoreError::UnknownMarker(_))));
     }
 }

@@ -129,7 +129,6 @@ pub(crate) fn configured_record(v: &config::Volume, created_us: i64) -> VolumeRe
         updated_us: 0,
         size_bytes: 0,
         error: None,
-        reverting: None,
     }
 }
 

@@ -11,6 +11,7 @@ use super::catalog::{SnapStatus, SnapshotRecord, VolStatus, VolumeKind};
 use super::claims::{Resource, Want};
 use super::engine::ChainSnapshot;
 use super::ops::jobs::{self, Subject};
+use super::ops::revert_intent;
 use super::store::{Change, SnapshotQuery, StoreError, VolumeQuery};
 use super::{configured_record, Daemon, VolumeInfo};
 use crate::util::error_chain;
@@ -22,8 +23,8 @@ pub(super) fn reconcile(d: &Arc<Daemon>) -> Result<(), StoreError> {
     }
     made_volumes(d)?;
     for v in d.volumes()? {
-        if let Some(intent) = v.record.reverting.clone() {
-            interrupted_revert(d, v, intent.snapshot_id)?;
+        if let Some(snapshot) = revert_intent::get(&v.record) {
+            interrupted_revert(d, v, snapshot)?;
         }
     }
     Ok(())
@@ -222,7 +223,7 @@ fn interrupted_revert(d: &Arc<Daemon>, v: VolumeInfo, snapshot: Uuid) -> Result<
             &format!("the revert was interrupted by a restart and cannot be resumed: {why}"),
         );
         d.update_volume(&v.id, |r| {
-            r.reverting = None;
+            revert_intent::clear(r);
             r.status = VolStatus::Error;
             r.error = Some(text);
         })?;

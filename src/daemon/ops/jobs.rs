@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use uuid::Uuid;
 
+use super::revert_intent;
 use crate::daemon::catalog::{SnapStatus, VolStatus, VolumeKind};
 use crate::daemon::engine::{EngineError, TakeJob};
 use crate::daemon::store::{Change, StoreError};
@@ -61,7 +62,7 @@ impl Subject {
             }
             Subject::Revert { volume, snapshot } => d
                 .update_volume(volume, |r| {
-                    r.reverting = None;
+                    revert_intent::clear(r);
                     r.status = VolStatus::Error;
                     r.error = Some(partly_reverted(*snapshot, text));
                 })
@@ -311,7 +312,7 @@ pub(crate) fn revert(d: &Daemon, job: RevertJob) {
             tracing::info!(volume = %id, snapshot = %snap, blocks_checked = out.blocks_checked, blocks_written = out.blocks_written, resumed = job.resumed, "volume reverted");
             d.metrics.reverted(id, out.blocks_written);
             d.update_volume(id, |r| {
-                r.reverting = None;
+                revert_intent::clear(r);
                 r.status = VolStatus::Available;
                 r.error = None;
                 r.metadata
@@ -329,7 +330,7 @@ pub(crate) fn revert(d: &Daemon, job: RevertJob) {
             // volume is as it was.
             let partial = job.resumed || e.partly_reverted();
             d.update_volume(id, |r| {
-                r.reverting = None;
+                revert_intent::clear(r);
                 if partial {
                     r.status = VolStatus::Error;
                     r.error = Some(partly_reverted(snap, &msg));

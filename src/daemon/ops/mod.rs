@@ -14,6 +14,7 @@
 //! blocking pool.
 
 pub mod jobs;
+pub mod revert_intent;
 mod snapshots;
 mod volumes;
 
@@ -410,7 +411,7 @@ impl Ops {
         let r = &info.record;
         let status = if let Some(s) = claimed {
             s
-        } else if r.reverting.is_some() {
+        } else if revert_intent::get(r).is_some() {
             VolumeStatus::Reverting
         } else if r.status != VolStatus::Available {
             match r.status {

@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use uuid::Uuid;
 
 use super::jobs::{self, Subject};
+use super::revert_intent;
 use super::{
     changed_metadata, check_change, check_items, check_text, check_unreserved, About, Caller,
     Field, MetadataChange, OpError, Ops, Volume, VolumeStatus,
 };
-use crate::daemon::catalog::{RevertIntent, SnapStatus, VolStatus, VolumeKind, VolumeRecord};
+use crate::daemon::catalog::{SnapStatus, VolStatus, VolumeKind, VolumeRecord};
 use crate::daemon::claims::{Resource, Want};
 use crate::daemon::store::{Change, Page, SnapshotQuery, VolumeQuery};
 use crate::defaults::{made_volume, GB};
@@ -189,7 +190,6 @@ impl Ops {
             updated_us: 0,
             size_bytes,
             error: None,
-            reverting: None,
         };
         d.write(|s| -> Result<(), OpError> {
             // Under the claim: the snapshot cannot be deleted from now on;
@@ -411,10 +411,6 @@ impl Ops {
                 ),
             ])
             .map_err(OpError::in_use(About::Volume))?;
-        let intent = RevertIntent {
-            snapshot_id: snap.id,
-            started_us: now_micros(),
-        };
         // The intent is durable before the first write; the metadata of the
         // last completed revert goes, as it no longer describes the device.
         d.write(|s| -> Result<(), OpError> {
@@ -427,8 +423,8 @@ impl Ops {
                 Some(r) => r,
                 None => v.record.clone(),
             };
-            r.reverting = Some(intent);
             r.metadata.retain(|k, _| !k.starts_with(REVERT_KEYS));
+            revert_intent::set(&mut r, snap.id);
             r.updated_us = now_micros();
             s.apply(&[Change::PutVolume(r)])?;
             Ok(())
