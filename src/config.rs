@@ -246,7 +246,7 @@ impl Config {
             }
         };
         let max_connections = match &daemon.max_connections {
-            None => 1024,
+            None => crate::defaults::MAX_CONNECTIONS,
             Some(m) if *m.get_ref() >= 1 => *m.get_ref(),
             Some(m) => {
                 return Err(err(
@@ -256,7 +256,7 @@ impl Config {
             }
         };
         let request_timeout = match &daemon.request_timeout_seconds {
-            None => Duration::from_secs(30),
+            None => crate::defaults::REQUEST_TIMEOUT,
             Some(t) if t.get_ref().is_finite() && *t.get_ref() > 0.0 => {
                 Duration::from_secs_f64(*t.get_ref())
             }
@@ -429,7 +429,7 @@ impl Config {
                     .map_err(|e| err(bs.span().start, e.to_string()))?;
             }
             let max_freeze = match &v.max_freeze_seconds {
-                None => Duration::from_secs(60),
+                None => crate::defaults::MAX_FREEZE,
                 Some(s) if s.get_ref().is_finite() && *s.get_ref() > 0.0 => {
                     Duration::from_secs_f64(*s.get_ref())
                 }
@@ -471,7 +471,9 @@ impl Config {
             socket_group,
             allowed_uids: daemon.allowed_uids,
             max_connections,
-            max_made_volumes: daemon.max_made_volumes.unwrap_or(64),
+            max_made_volumes: daemon
+                .max_made_volumes
+                .unwrap_or(crate::defaults::MAX_MADE_VOLUMES),
             request_timeout,
             log_level: daemon.log_level,
             tokens,

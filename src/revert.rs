@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 
 use uuid::Uuid;
 
-use crate::chain::{Chain, ChainError, Origin};
+use crate::chain::read::{BlockReader, ReadError};
+use crate::chain::{Chain, ChainError};
 use crate::device::{Device, DeviceError};
 use crate::fingerprint::hash_blocks;
 use crate::sys;
@@ -26,30 +27,29 @@ pub enum RevertError {
         size: u64,
         needed: u64,
     },
-    #[error(
-        "cannot write {path} at offset {offset}; the device is now partly reverted: revert again"
-    )]
+    #[error("cannot write {path} at offset {offset}")]
     Write {
         path: PathBuf,
         offset: u64,
         #[source]
         source: std::io::Error,
     },
-    #[error("snapshot {id} is damaged: block {block} stored at chain offset {chain_offset} fails its checksum; the device is partly reverted")]
-    Corrupt {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The revert failed after it began writing: the device holds a mix.
+    #[error("the device is partly reverted to snapshot {id} ({blocks_written} blocks written); revert again")]
+    Partly {
         id: Uuid,
-        block: u64,
-        chain_offset: u64,
+        blocks_written: u64,
+        #[source]
+        source: Box<RevertError>,
     },
 }
 
 impl RevertError {
     /// Whether the device may hold a mix of what it held and the snapshot.
     pub fn partly_reverted(&self) -> bool {
-        matches!(
-            self,
-            RevertError::Write { .. } | RevertError::Corrupt { .. }
-        )
+        matches!(self, RevertError::Partly { .. })
     }
 }
 
@@ -63,13 +63,36 @@ pub struct RevertOutcome {
 
 /// Make `device` hold snapshot `id` of `chain` again. The device is opened
 /// exclusively (it must not be mounted); each block is fingerprinted and only
-/// blocks whose fingerprint differs from the snapshot's are written.
+/// blocks whose fingerprint differs from the snapshot's are written, so
+/// running a revert again after it was interrupted finishes it. A failure
+/// after the first write is [`RevertError::Partly`].
 pub fn revert(
     chain: &Chain,
     id: Uuid,
     device: &Path,
     progress: Option<&Progress>,
 ) -> Result<RevertOutcome, RevertError> {
+    let mut out = RevertOutcome::default();
+    match write_differing(chain, id, device, progress, &mut out) {
+        Ok(()) => Ok(out),
+        Err(e) if out.blocks_written > 0 || matches!(e, RevertError::Write { .. }) => {
+            Err(RevertError::Partly {
+                id,
+                blocks_written: out.blocks_written,
+                source: Box::new(e),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn write_differing(
+    chain: &Chain,
+    id: Uuid,
+    device: &Path,
+    progress: Option<&Progress>,
+    out: &mut RevertOutcome,
+) -> Result<(), RevertError> {
     let plan = chain.resolve_intact(id)?;
     let src = Device::open_rw(device)?;
     let size = plan.device_size();
@@ -99,15 +122,17 @@ pub fn revert(
     };
     let tuning = crate::take::Tuning::default();
     let window = (tuning.window as u64 / bs).max(1) * bs;
-    let mut out = RevertOutcome::default();
+    let reader = BlockReader::new(chain, &plan);
     let mut prints = vec![0u64; (window / bs) as usize];
     let mut run_i = 0usize;
-    let mut buf = vec![0u8; bs as usize];
+    let mut buf = Vec::with_capacity(bs as usize);
     let zeros = vec![0u8; bs as usize];
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     let mut off = 0u64;
+    let nwin = size.div_ceil(window);
+    let mut windows = 0u64;
     while off < size {
         let len = window.min(size - off);
         map.populate(off, len as usize)?;
@@ -132,30 +157,11 @@ pub fn revert(
             }
             let run = plan.runs[run_i];
             let blen = plan.block_len(b) as usize;
-            let data: &[u8] = match run.source {
-                Origin::Zero => &zeros[..blen],
-                Origin::Data {
-                    offset,
-                    segment,
-                    meta,
-                } => {
-                    let k = b - run.block;
-                    let at = offset + k * bs;
-                    let got = sys::pread_full(chain.file().as_fd(), &mut buf[..blen], at).map_err(
-                        |source| ChainError::Read {
-                            path: chain.path().to_path_buf(),
-                            offset: at,
-                            source,
-                        },
-                    )?;
-                    let (crc, _) = plan.block_check(segment, meta + k as u32);
-                    if got != blen || crc32fast::hash(&buf[..blen]) != crc {
-                        return Err(RevertError::Corrupt {
-                            id,
-                            block: b,
-                            chain_offset: at,
-                        });
-                    }
+            let data: &[u8] = match reader.block(&run, b) {
+                None => &zeros[..blen],
+                Some(stored) => {
+                    buf.clear();
+                    reader.read(&mut buf, &[stored])?;
                     &buf[..blen]
                 }
             };
@@ -168,11 +174,15 @@ pub fn revert(
             p.done.store(off + len, Ordering::Relaxed);
         }
         off += len;
+        windows += 1;
+        if windows == nwin.div_ceil(2) {
+            crate::fault::point(crate::fault::Point::RevertMid);
+        }
     }
     drop(map);
     src.file().sync_all().map_err(werr(0))?;
     let _ = sys::drop_cache(wfd, 0, size);
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -246,7 +246,7 @@ pub fn take(
     // Declared after the writer so that on any error it is dropped (thawed
     // or remounted) first, before the abandoned segment is cut off.
     let held = quiesce::quiesce(sys, device, &qopts, cancel.own.clone())?;
-    crate::fault::point("after-freeze");
+    crate::fault::point(crate::fault::Point::AfterFreeze);
     let quiesce_desc = held.description().to_string();
 
     let scanned = (|| -> Result<(ScanResult, u64), TakeError> {
@@ -287,7 +287,7 @@ pub fn take(
             opts.progress.as_deref(),
             &opts.tuning,
         )?;
-        crate::fault::point("after-scan");
+        crate::fault::point(crate::fault::Point::AfterScan);
         Ok((r, size))
     })();
     let finished = held.finish();
@@ -313,7 +313,7 @@ pub fn take(
         (Err(e), Ok(_)) => return Err(e),
     };
 
-    crate::fault::point("before-commit");
+    crate::fault::point(crate::fault::Point::BeforeCommit);
     let stats = SegStats {
         created_us: crate::util::now_micros(),
         parent_id,
@@ -324,7 +324,7 @@ pub fn take(
         scan_us: result.scan.as_micros() as u64,
     };
     let info = writer.commit(stats)?;
-    crate::fault::point("after-commit");
+    crate::fault::point(crate::fault::Point::AfterCommit);
 
     let map = FingerprintMap {
         chain_id: chain.chain_id(),
@@ -516,7 +516,7 @@ fn scan(
                 p.done.store(off + len, Ordering::Relaxed);
             }
             if done_windows == nwin.div_ceil(2) {
-                crate::fault::point("mid-scan");
+                crate::fault::point(crate::fault::Point::MidScan);
             }
         }
         if done_windows != nwin {

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use blocksnap::fault::{Operation, Point};
 use common::*;
 use sha2::Digest;
 
@@ -53,30 +54,27 @@ enum Op {
     Snapshot,
     Delete,
     Volume,
+    Revert,
 }
 
-const SNAPSHOT_POINTS: &[&str] = &[
-    "before-freeze",
-    "after-freeze",
-    "append",
-    "mid-scan",
-    "after-scan",
-    "before-commit",
-    "commit-written",
-    "commit-synced",
-    "commit-recorded",
-    "after-commit",
-    "before-catalog",
-];
-const DELETE_POINTS: &[&str] = &[
-    "delete-before-commit",
-    "commit-written",
-    "commit-synced",
-    "commit-recorded",
-    "delete-reclaim",
-    "delete-after-commit",
-];
-const VOLUME_POINTS: &[&str] = &["volume-restore", "volume-attach"];
+impl Op {
+    fn operation(self) -> Operation {
+        match self {
+            Op::Snapshot => Operation::Take,
+            Op::Delete => Operation::Delete,
+            Op::Volume => Operation::MakeVolume,
+            Op::Revert => Operation::Revert,
+        }
+    }
+}
+
+/// sha256 of a device or file.
+fn file_hash(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).unwrap();
+    format!("{:x}", h.finalize())
+}
 
 /// Wait until the daemon died or `done` says the operation finished.
 fn until_dead_or(d: &mut DaemonProc, mut done: impl FnMut(&DaemonProc) -> bool) -> bool {
@@ -105,6 +103,7 @@ enum Issued {
     Create { id: Option<String> },
     Delete { id: String, accepted: bool },
     Volume,
+    Revert { to: String, accepted: bool },
 }
 
 #[test]
@@ -135,20 +134,30 @@ fn the_daemon_survives_sigkill_anywhere() {
     for i in 0..n {
         if plan.is_empty() {
             // One round over every point, in a seeded order.
-            plan.extend(SNAPSHOT_POINTS.iter().map(|p| (Op::Snapshot, *p)));
-            plan.extend(DELETE_POINTS.iter().map(|p| (Op::Delete, *p)));
-            plan.extend(VOLUME_POINTS.iter().map(|p| (Op::Volume, *p)));
+            for op in [Op::Snapshot, Op::Delete, Op::Volume, Op::Revert] {
+                plan.extend(
+                    Point::on(op.operation())
+                        .into_iter()
+                        .map(|p| (op, p.name())),
+                );
+            }
             plan.extend([
                 (Op::Snapshot, "random"),
                 (Op::Delete, "random"),
                 (Op::Snapshot, "random"),
+                (Op::Revert, "random"),
             ]);
             for k in (1..plan.len()).rev() {
                 plan.swap(k, rng.below(k as u64 + 1) as usize);
             }
         }
         let (op, point) = plan.pop().unwrap();
-        let vol = if rng.below(3) == 0 { "vol-b" } else { "vol-a" };
+        // Reverts need an unmounted volume: vol-b.
+        let vol = if op == Op::Revert || rng.below(3) == 0 {
+            "vol-b"
+        } else {
+            "vol-a"
+        };
         // Change the volume so the snapshot has something to store.
         if vol == "vol-a" {
             let p = m.dir.join(format!("f{}", rng.below(8)));
@@ -167,11 +176,24 @@ fn the_daemon_survives_sigkill_anywhere() {
                 );
             }
         }
-        // Deletes and volumes need an available snapshot to work on.
-        if op != Op::Snapshot && known.is_empty() {
+        // Deletes and volumes need an available snapshot to work on, reverts
+        // one of vol-b.
+        if (op != Op::Snapshot && known.is_empty())
+            || (op == Op::Revert && !known.values().any(|(v, _)| v == "vol-b"))
+        {
             let id = d.snapshot(vol, "base");
             let h = restore_hash(&d.chain(vol), &id, tmp.path());
             known.insert(id, (vol.to_string(), h));
+            if op == Op::Revert {
+                // Something to revert.
+                for _ in 0..50 {
+                    write_at(
+                        &b.dev,
+                        rng.below(8192) * 4096,
+                        &random_bytes(rng.next(), 4096),
+                    );
+                }
+            }
         }
         let hit = if point == "append" {
             1 + rng.below(3)
@@ -190,10 +212,19 @@ fn the_daemon_survives_sigkill_anywhere() {
             ]);
         }
         d.spawn();
-        let target = known
-            .keys()
-            .nth(rng.below(known.len().max(1) as u64) as usize)
-            .cloned();
+        let target = if op == Op::Revert {
+            let of_b: Vec<&String> = known
+                .iter()
+                .filter(|(_, (v, _))| v == "vol-b")
+                .map(|(id, _)| id)
+                .collect();
+            Some(of_b[rng.below(of_b.len() as u64) as usize].clone())
+        } else {
+            known
+                .keys()
+                .nth(rng.below(known.len().max(1) as u64) as usize)
+                .cloned()
+        };
         // The job can crash the daemon before the answer to the request that
         // started it is sent: a lost answer, as a real client may see.
         let issued = match op {
@@ -232,6 +263,21 @@ fn the_daemon_survives_sigkill_anywhere() {
                 }
                 Issued::Volume
             }
+            Op::Revert => {
+                let id = target.clone().unwrap();
+                let r = d.try_request(
+                    "POST",
+                    "/volumes/vol-b/action",
+                    &format!(r#"{{"revert": {{"snapshot_id": "{id}"}}}}"#),
+                );
+                if let Some(r) = &r {
+                    assert_eq!(r.status, 202, "{}", r.body);
+                }
+                Issued::Revert {
+                    to: id,
+                    accepted: r.is_some(),
+                }
+            }
         };
         let crashed = if point == "random" {
             std::thread::sleep(Duration::from_millis(rng.below(150)));
@@ -245,6 +291,9 @@ fn the_daemon_survives_sigkill_anywhere() {
                 Issued::Delete { id, accepted: true } => d
                     .try_call("GET", &format!("/snapshots/{id}"))
                     .is_some_and(|r| r.status == 404),
+                Issued::Revert { .. } => d
+                    .try_call("GET", "/volumes/vol-b")
+                    .is_some_and(|r| r.json()["volume"]["status"] != "reverting"),
                 Issued::Volume => d.try_call("GET", "/volumes/detail").is_some_and(|r| {
                     !r.json()["volumes"]
                         .as_array()
@@ -264,6 +313,33 @@ fn the_daemon_survives_sigkill_anywhere() {
         d.set_env(&[]);
         d.spawn();
         let ctx = format!("crash {i} (seed {seed}): {op:?} at {point}");
+        // A revert whose intent was recorded is resumed by the start.
+        let vb = d.wait_volume("vol-b", &["reverting"]);
+        if let Issued::Revert { to, accepted } = &issued {
+            // Nothing stops it (vol-b is not mounted), so an interrupted
+            // revert is resumed to the end: never left half done.
+            assert_ne!(vb["status"], "error", "{ctx}: revert not resumed: {vb}");
+            assert!(
+                vb["metadata"]["blocksnap:reverting_to"].is_null(),
+                "{ctx}: {vb}"
+            );
+            // The intent is durable before the answer: an accepted revert
+            // completed (a lost answer may have lost the request too).
+            if *accepted {
+                assert_eq!(
+                    vb["metadata"]["blocksnap:reverted_to"],
+                    to.as_str(),
+                    "{ctx}: an accepted revert did not complete: {vb}"
+                );
+            }
+            if *accepted {
+                assert_eq!(
+                    file_hash(&b.dev),
+                    known[to].1,
+                    "{ctx}: volume reverted to {to} does not hold it"
+                );
+            }
+        }
 
         // Nothing frozen; the filesystem still there and writable.
         assert!(!is_frozen(&m.dir), "{ctx}: filesystem left frozen");
@@ -383,9 +459,10 @@ fn the_daemon_survives_sigkill_anywhere() {
     }
     eprintln!("crash harness: {hits:?}");
     // Every point the code has, from the one list of them.
-    for p in blocksnap::fault::POINTS {
+    for p in Point::ALL {
         assert!(
-            hits.keys().any(|k| k.contains(&format!(":{p}:true"))),
+            hits.keys()
+                .any(|k| k.contains(&format!(":{}:true", p.name()))),
             "fault point {p} never crashed the daemon: {hits:?}"
         );
     }
@@ -441,15 +518,16 @@ fn the_cli_survives_sigkill_anywhere() {
     };
     for round in 0..2 {
         for point in [
-            "append",
-            "mid-scan",
-            "after-scan",
-            "before-commit",
-            "commit-written",
-            "commit-synced",
-            "commit-recorded",
-            "after-commit",
+            Point::Append,
+            Point::MidScan,
+            Point::AfterScan,
+            Point::BeforeCommit,
+            Point::CommitWritten,
+            Point::CommitSynced,
+            Point::CommitRecorded,
+            Point::AfterCommit,
         ] {
+            let point = point.name();
             for _ in 0..30 {
                 write_at(
                     &img,
@@ -491,11 +569,12 @@ fn the_cli_survives_sigkill_anywhere() {
             check(&known, &format!("take killed at {point}"));
         }
         for point in [
-            "commit-written",
-            "commit-synced",
-            "commit-recorded",
-            "delete-reclaim",
+            Point::CommitWritten,
+            Point::CommitSynced,
+            Point::CommitRecorded,
+            Point::DeleteReclaim,
         ] {
+            let point = point.name();
             let victim = known
                 .keys()
                 .nth(rng.below(known.len() as u64) as usize)

@@ -154,7 +154,7 @@ pub fn delete(chain: &mut Chain, id: Uuid) -> Result<DeleteOutcome, ChainError> 
             w.commit(stats)?;
         }
     }
-    crate::fault::point("delete-reclaim");
+    crate::fault::point(crate::fault::Point::DeleteReclaim);
     out.reclaimed_bytes = reclaim(chain)?;
     Ok(out)
 }

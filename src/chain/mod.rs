@@ -8,6 +8,7 @@
 pub mod delete;
 pub mod format;
 mod open;
+pub mod read;
 mod resolve;
 pub mod restore;
 pub mod verify;

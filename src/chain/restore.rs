@@ -15,6 +15,7 @@ use std::sync::mpsc;
 
 use uuid::Uuid;
 
+use super::read::{BlockReader, ReadError};
 use super::{Chain, ChainError, Origin, Plan};
 use crate::device::Identity;
 use crate::sys;
@@ -52,13 +53,8 @@ pub enum RestoreError {
         #[source]
         source: io::Error,
     },
-    #[error("snapshot {id} is damaged: block {block} (device offset {offset}) stored at chain offset {chain_offset} fails its checksum; the target is incomplete")]
-    Corrupt {
-        id: Uuid,
-        block: u64,
-        offset: u64,
-        chain_offset: u64,
-    },
+    #[error("cannot read the snapshot; the target is incomplete")]
+    Read(#[source] ReadError),
 }
 
 /// Options of a restore.
@@ -274,46 +270,6 @@ fn write_image(
     Ok(out)
 }
 
-/// A stored run, or the part of one that fits in a batch.
-#[derive(Clone, Copy)]
-struct Piece {
-    block: u64,
-    count: u64,
-    chain_offset: u64,
-    segment: usize,
-    meta: u32,
-}
-
-/// The plan's data runs, cut so that none is longer than a batch.
-fn pieces(plan: &Plan) -> Vec<Piece> {
-    let bs = plan.block_size as u64;
-    let max_blocks = BATCH / bs;
-    let mut out = Vec::new();
-    for r in &plan.runs {
-        let Origin::Data {
-            offset,
-            segment,
-            meta,
-        } = r.source
-        else {
-            continue;
-        };
-        let mut done = 0;
-        while done < r.count {
-            let count = (r.count - done).min(max_blocks);
-            out.push(Piece {
-                block: r.block + done,
-                count,
-                chain_offset: offset + done * bs,
-                segment,
-                meta: meta + done as u32,
-            });
-            done += count;
-        }
-    }
-    out
-}
-
 fn read_batches(
     chain: &Chain,
     plan: &Plan,
@@ -321,10 +277,8 @@ fn read_batches(
     empty_rx: mpsc::Receiver<Vec<u8>>,
 ) -> Result<u64, RestoreError> {
     let bs = plan.block_size as u64;
-    let size = plan.device_size();
-    let rfd = chain.file().as_fd();
-    let all = pieces(plan);
-    let piece_len = |p: &Piece| (p.count * bs).min(size - p.block * bs);
+    let reader = BlockReader::new(chain, plan);
+    let all = reader.pieces(BATCH / bs);
     let mut total = 0u64;
     let mut next = 0;
     while next < all.len() {
@@ -332,46 +286,20 @@ fn read_batches(
             break;
         };
         buf.clear();
-        // Take pieces while they fit; read pieces that are adjacent in the
-        // chain file with a single pread.
+        // Take pieces while they fit; the reader checks every block before
+        // any of it goes anywhere.
         let first = next;
         let mut used = 0u64;
-        while next < all.len() && used + piece_len(&all[next]) <= BATCH {
-            used += piece_len(&all[next]);
+        while next < all.len() && used + reader.len(&all[next]) <= BATCH {
+            used += reader.len(&all[next]);
             next += 1;
         }
         let batch = &all[first..next];
-        let mut i = 0;
-        while i < batch.len() {
-            let from = batch[i].chain_offset;
-            let mut len = piece_len(&batch[i]);
-            let mut j = i + 1;
-            while j < batch.len() && batch[j].chain_offset == from + len {
-                len += piece_len(&batch[j]);
-                j += 1;
-            }
-            flush_read(rfd, &mut buf, from, len, chain)?;
-            i = j;
-        }
-        // Check every block against its crc before it goes anywhere.
+        reader.read(&mut buf, batch).map_err(RestoreError::Read)?;
         let mut pieces_out = Vec::with_capacity(batch.len());
         let mut boff = 0usize;
         for p in batch {
-            for k in 0..p.count {
-                let b = p.block + k;
-                let len = plan.block_len(b) as usize;
-                let start = boff + (k * bs) as usize;
-                let (crc, _) = plan.block_check(p.segment, p.meta + k as u32);
-                if crc32fast::hash(&buf[start..start + len]) != crc {
-                    return Err(RestoreError::Corrupt {
-                        id: plan.snapshot.id,
-                        block: b,
-                        offset: b * bs,
-                        chain_offset: p.chain_offset + k * bs,
-                    });
-                }
-            }
-            let len = piece_len(p);
+            let len = reader.len(p);
             pieces_out.push((p.block * bs, len, boff));
             boff += len as usize;
         }
@@ -387,32 +315,6 @@ fn read_batches(
         }
     }
     Ok(total)
-}
-
-fn flush_read(
-    fd: std::os::fd::BorrowedFd<'_>,
-    buf: &mut Vec<u8>,
-    from: u64,
-    len: u64,
-    chain: &Chain,
-) -> Result<(), RestoreError> {
-    let at = buf.len();
-    buf.resize(at + len as usize, 0);
-    let n = sys::pread_full(fd, &mut buf[at..], from).map_err(|source| ChainError::Read {
-        path: chain.path().to_path_buf(),
-        offset: from,
-        source,
-    })?;
-    if n as u64 != len {
-        return Err(ChainError::Read {
-            path: chain.path().to_path_buf(),
-            offset: from + n as u64,
-            source: io::Error::from(io::ErrorKind::UnexpectedEof),
-        }
-        .into());
-    }
-    let _ = sys::drop_cache(fd, from, len);
-    Ok(())
 }
 
 /// Zero a range of a block device: BLKZEROOUT for whole sectors, plain

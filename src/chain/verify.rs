@@ -7,8 +7,8 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::format::Location;
+use super::read::{failing_blocks, read_exact_at};
 use super::Chain;
-use crate::fingerprint::fingerprint;
 use crate::sys;
 
 /// One thing that does not check out.
@@ -122,34 +122,26 @@ pub fn verify(chain: &Chain, progress: Option<&AtomicU64>) -> Report {
             };
             let len = (x.end_block() * bs).min(snap.device_size) - x.block * bs;
             buf.resize(len as usize, 0);
-            match sys::pread_full(fd, &mut buf, off) {
-                Ok(n) if n as u64 == len => {}
-                Ok(n) => {
-                    report.problems.push(problem(format!(
-                        "extent at device offset {} ({} bytes) stored at chain offset {off}: file ends after {n} bytes",
-                        x.block * bs,
-                        len
-                    )));
-                    continue;
-                }
-                Err(e) => {
-                    report.problems.push(problem(format!(
-                        "extent at device offset {} stored at chain offset {off}: read error: {e}",
-                        x.block * bs
-                    )));
-                    continue;
-                }
+            if let Err(e) = read_exact_at(chain, &mut buf, off) {
+                report.problems.push(problem(format!(
+                    "extent at device offset {} ({len} bytes) stored at chain offset {off}: {}",
+                    x.block * bs,
+                    crate::util::error_chain(&e)
+                )));
+                continue;
             }
             let _ = sys::drop_cache(fd, off, len);
-            let mut bad: Vec<u64> = Vec::new();
-            for (i, block) in buf.chunks(bs as usize).enumerate() {
-                let m = x.meta as usize + i;
-                if crc32fast::hash(block) != idx.crcs[m]
-                    || fingerprint(block, seed) != idx.prints[m]
-                {
-                    bad.push(x.block + i as u64);
-                }
-            }
+            let m = x.meta as usize;
+            let n = x.count as usize;
+            let bad: Vec<u64> = failing_blocks(
+                &buf,
+                bs as usize,
+                &idx.crcs[m..m + n],
+                Some((&idx.prints[m..m + n], seed)),
+            )
+            .into_iter()
+            .map(|i| x.block + i as u64)
+            .collect();
             report.blocks_checked += x.count as u64;
             report.bytes_checked += len;
             if let Some(p) = progress {

@@ -109,7 +109,7 @@ impl<'c> SegmentWriter<'c> {
         let bs = self.chain.block_size() as usize;
         debug_assert_eq!(data.len().div_ceil(bs), prints.len());
         let off = self.data_pos;
-        crate::fault::point("append");
+        crate::fault::point(crate::fault::Point::Append);
         sys::pwrite_full(self.chain.file.as_fd(), data, off).map_err(self.werr())?;
         self.data_pos += data.len() as u64;
         self.behind.wrote(self.chain.file.as_fd(), self.data_pos);
@@ -232,12 +232,12 @@ impl<'c> SegmentWriter<'c> {
         };
         sys::pwrite_full(fd, &index_bytes, info.index_start()).map_err(werr)?;
         sys::pwrite_full(fd, &encode_footer(&info), info.end() - FOOTER_LEN).map_err(werr)?;
-        crate::fault::point("commit-written");
+        crate::fault::point(crate::fault::Point::CommitWritten);
         self.chain.file.sync_data().map_err(werr)?;
-        crate::fault::point("commit-synced");
+        crate::fault::point(crate::fault::Point::CommitSynced);
         let commit = encode_commit(&info, &stats, &self.meta_bytes);
         sys::pwrite_full(fd, &commit, info.start).map_err(werr)?;
-        crate::fault::point("commit-recorded");
+        crate::fault::point(crate::fault::Point::CommitRecorded);
         self.chain.file.sync_data().map_err(werr)?;
         self.behind.finish(fd, info.end());
         self.done = true;

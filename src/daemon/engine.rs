@@ -297,9 +297,9 @@ impl Engine for HostEngine {
         if !c.snapshots().iter().any(|s| s.id == id) {
             return Ok(None);
         }
-        crate::fault::point("delete-before-commit");
+        crate::fault::point(crate::fault::Point::DeleteBeforeCommit);
         let out = chain::delete::delete(&mut c, id)?;
-        crate::fault::point("delete-after-commit");
+        crate::fault::point(crate::fault::Point::DeleteAfterCommit);
         Ok(Some(Deleted {
             merged_blocks: out.merged_blocks,
             reclaimed_bytes: out.reclaimed_bytes,
@@ -329,7 +329,7 @@ impl Engine for HostEngine {
     ) -> Result<(), EngineError> {
         if let Some((chain, snap)) = from {
             let c = Chain::open(chain, Access::Read)?;
-            crate::fault::point("volume-restore");
+            crate::fault::point(crate::fault::Point::VolumeRestore);
             chain::restore::restore(&c, snap, image, &Default::default())?;
         } else {
             std::fs::File::create(image).map_err(|e| EngineError::io("create", image, e))?;

@@ -66,7 +66,7 @@ impl FreezeGuard {
             )?),
             None => None,
         };
-        crate::fault::point("before-freeze");
+        crate::fault::point(crate::fault::Point::BeforeFreeze);
         let frozen = match sys.freeze(mount_point) {
             Ok(f) => f,
             Err(e) => {

@@ -145,7 +145,7 @@ impl Default for Options {
         Options {
             mode: Mode::Auto,
             force: false,
-            max_freeze: Duration::from_secs(60),
+            max_freeze: crate::defaults::MAX_FREEZE,
             intent_dir: None,
             keep_off: Vec::new(),
         }

@@ -77,7 +77,7 @@ pub struct TakeArgs {
     #[arg(long)]
     force: bool,
     /// Longest time a filesystem may stay frozen; the snapshot is abandoned after it
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = blocksnap::defaults::MAX_FREEZE_SECONDS as f64)]
     max_freeze_seconds: f64,
     /// Where to record freeze intents so `blocksnap thaw --all` can undo a crashed freeze
     #[arg(long, default_value = DEFAULT_INTENT_DIR)]

@@ -108,7 +108,7 @@ pub(crate) fn take(d: &Daemon, job: TakeJob) {
     let id = job.snapshot_id;
     let shown = d.track_progress(&id.to_string());
     let result = d.engine.take(&job, &shown.progress, &d.shutdown);
-    crate::fault::point("before-catalog");
+    crate::fault::point(crate::fault::Point::BeforeCatalog);
     let r = match result {
         Ok(out) => {
             tracing::info!(
@@ -212,7 +212,7 @@ pub(crate) fn make_volume(d: &Daemon, job: MakeVolumeJob) {
             job.size_bytes,
         )
         .and_then(|()| {
-            crate::fault::point("volume-attach");
+            crate::fault::point(crate::fault::Point::VolumeAttach);
             d.engine.attach(&job.image)
         });
     let saved = match r {
@@ -302,11 +302,11 @@ pub(crate) fn revert(d: &Daemon, job: RevertJob) {
     let id = &job.volume;
     let snap = job.snapshot;
     let shown = d.track_progress(id);
-    crate::fault::point("revert-before-write");
+    crate::fault::point(crate::fault::Point::RevertBeforeWrite);
     let r = d
         .engine
         .revert(&job.chain, snap, &job.device, &shown.progress);
-    crate::fault::point("revert-before-catalog");
+    crate::fault::point(crate::fault::Point::RevertBeforeCatalog);
     let saved = match r {
         Ok(out) => {
             tracing::info!(volume = %id, snapshot = %snap, blocks_checked = out.blocks_checked, blocks_written = out.blocks_written, resumed = job.resumed, "volume reverted");
