@@ -627,6 +627,8 @@ fn act() -> impl Strategy<Value = Act> {
     ]
 }
 
+type Blocks = Vec<u64>;
+
 /// What was answered, for the checks after every job has ended.
 #[derive(Debug, Default)]
 struct Answers {
@@ -638,7 +640,7 @@ struct Answers {
     made: BTreeMap<String, Option<Vec<u64>>>,
     made_deleted: BTreeSet<String>,
     /// Accepted reverts per volume: the snapshots' blocks.
-    reverts: BTreeMap<String, Vec<(Uuid, Option<Vec<u64>>)>>,
+    reverts: BTreeMap<String, Vec<(Uuid, Option<Blocks>)>>,
     renames: BTreeMap<Uuid, BTreeSet<String>>,
     meta: BTreeMap<Uuid, BTreeSet<String>>,
     volume_meta: BTreeMap<String, BTreeSet<String>>,
