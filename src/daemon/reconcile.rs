@@ -229,20 +229,30 @@ fn interrupted_revert(d: &Arc<Daemon>, v: VolumeInfo, snapshot: Uuid) -> Result<
         })?;
         return Ok(());
     }
-    let claim = d
-        .claims
-        .acquire(vec![
-            Want::exclusive(
-                Resource::Volume(v.id.clone()),
-                format!("volume {} is being reverted to snapshot {snapshot}", v.id),
-            )
-            .showing("reverting"),
-            Want::shared(
-                Resource::Snapshot(snapshot),
-                format!("volume {} is being reverted to it", v.id),
-            ),
-        ])
-        .expect("nothing else runs during the start");
+    let claim = d.claims.acquire(vec![
+        Want::exclusive(
+            Resource::Volume(v.id.clone()),
+            format!("volume {} is being reverted to snapshot {snapshot}", v.id),
+        )
+        .showing("reverting"),
+        Want::shared(
+            Resource::Snapshot(snapshot),
+            format!("volume {} is being reverted to it", v.id),
+        ),
+    ]);
+    let claim = match claim {
+        Ok(c) => c,
+        Err(conflict) => {
+            // Only earlier resumed reverts run now; one per volume.
+            let text = jobs::partly_reverted(snapshot, &conflict.to_string());
+            d.update_volume(&v.id, |r| {
+                revert_intent::clear(r);
+                r.status = VolStatus::Error;
+                r.error = Some(text);
+            })?;
+            return Ok(());
+        }
+    };
     tracing::warn!(volume = %v.id, snapshot = %snapshot, "resuming a revert interrupted by a restart");
     let job = jobs::RevertJob {
         volume: v.id.clone(),
