@@ -270,6 +270,27 @@ fn deletes_are_refused_while_a_revert_or_the_next_take_runs() {
     assert!(w.sim.violations().is_empty(), "{:?}", w.sim.violations());
 }
 
+/// A client that sees a snapshot available and at once asks for the next
+/// operation on its volume is never told the volume is busy.
+#[test]
+fn once_an_outcome_is_seen_the_volume_is_free() {
+    let w = World::new();
+    for _ in 0..200 {
+        let s = w.ops().create_snapshot(&c1(), create("vol-b")).unwrap();
+        let id = s.record.id;
+        while w.d().store().snapshot(id).unwrap().unwrap().status == SnapStatus::Creating {
+            std::hint::spin_loop();
+        }
+        w.ops()
+            .delete_snapshot(&c1(), &id.to_string())
+            .expect("the volume is free once its snapshot is available");
+        while w.d().store().snapshot(id).unwrap().is_some() {
+            std::hint::spin_loop();
+        }
+    }
+    w.idle();
+}
+
 #[test]
 fn a_panicking_job_releases_its_claims_and_marks_its_record() {
     let w = World::new();

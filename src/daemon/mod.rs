@@ -229,13 +229,37 @@ impl Daemon {
     /// until it returns, so a change computed from a record never replaces
     /// a newer one.
     pub(crate) fn write<R, E>(&self, f: impl FnOnce(&dyn Store) -> Result<R, E>) -> Result<R, E> {
+        self.write_releasing(None, f)
+    }
+
+    /// As [`Daemon::write`], first releasing a job's claim: an operation that
+    /// gets the claim from now on records its own start only after this
+    /// change (it needs the writer too), and nobody sees the job's outcome
+    /// while its claim is still held.
+    fn write_releasing<R, E>(
+        &self,
+        release: Option<&JobClaim>,
+        f: impl FnOnce(&dyn Store) -> Result<R, E>,
+    ) -> Result<R, E> {
         let _w = lock(&self.writer);
+        if let Some(j) = release {
+            j.release();
+        }
         f(self.store.as_ref())
     }
 
     /// Apply changes durably.
     pub(crate) fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
         self.write(|s| s.apply(changes))
+    }
+
+    /// A job's last change: release its claim and apply `changes`.
+    pub(crate) fn finish_apply(
+        &self,
+        job: &JobClaim,
+        changes: &[Change],
+    ) -> Result<(), StoreError> {
+        self.write_releasing(Some(job), |s| s.apply(changes))
     }
 
     /// Change one snapshot record; `None` if there is none. The change is
@@ -245,7 +269,26 @@ impl Daemon {
         id: Uuid,
         f: impl FnOnce(&mut SnapshotRecord) -> R,
     ) -> Result<Option<(R, SnapshotRecord)>, StoreError> {
-        self.write(|s| {
+        self.change_snapshot(None, id, f)
+    }
+
+    /// A job's last change to a snapshot record, releasing its claim.
+    pub(crate) fn finish_snapshot<R>(
+        &self,
+        job: &JobClaim,
+        id: Uuid,
+        f: impl FnOnce(&mut SnapshotRecord) -> R,
+    ) -> Result<Option<(R, SnapshotRecord)>, StoreError> {
+        self.change_snapshot(Some(job), id, f)
+    }
+
+    fn change_snapshot<R>(
+        &self,
+        release: Option<&JobClaim>,
+        id: Uuid,
+        f: impl FnOnce(&mut SnapshotRecord) -> R,
+    ) -> Result<Option<(R, SnapshotRecord)>, StoreError> {
+        self.write_releasing(release, |s| {
             let Some(mut rec) = s.snapshot(id)? else {
                 return Ok(None);
             };
@@ -266,7 +309,26 @@ impl Daemon {
         id: &str,
         f: impl FnOnce(&mut VolumeRecord) -> R,
     ) -> Result<Option<(R, VolumeRecord)>, StoreError> {
-        self.write(|s| {
+        self.change_volume(None, id, f)
+    }
+
+    /// A job's last change to a volume record, releasing its claim.
+    pub(crate) fn finish_volume<R>(
+        &self,
+        job: &JobClaim,
+        id: &str,
+        f: impl FnOnce(&mut VolumeRecord) -> R,
+    ) -> Result<Option<(R, VolumeRecord)>, StoreError> {
+        self.change_volume(Some(job), id, f)
+    }
+
+    fn change_volume<R>(
+        &self,
+        release: Option<&JobClaim>,
+        id: &str,
+        f: impl FnOnce(&mut VolumeRecord) -> R,
+    ) -> Result<Option<(R, VolumeRecord)>, StoreError> {
+        self.write_releasing(release, |s| {
             let mut rec = match s.volume(id)? {
                 Some(r) => r,
                 None => match self.config.volumes.iter().find(|v| v.id == id) {
@@ -375,15 +437,15 @@ impl Daemon {
     }
 
     /// Run `job` on its own thread holding `claim`, counted so shutdown can
-    /// wait for it. The claim is released when the job has ended and its
-    /// outcome is recorded, when it panics (after its record is marked
-    /// error), or when it is dropped unstarted. A panic is caught, logged
-    /// and counted.
+    /// wait for it. The job releases the claim with its last catalog change
+    /// (`finish_*`); whatever way it ends, panics included, the claim is
+    /// released, and if it is dropped unstarted too. A panic is caught,
+    /// logged and counted, and `subject`'s record is marked error.
     pub(crate) fn spawn(
         self: &Arc<Self>,
         subject: ops::jobs::Subject,
         claim: claims::Claim,
-        job: impl FnOnce(&Daemon) + Send + 'static,
+        job: impl FnOnce(&Daemon, &JobClaim) + Send + 'static,
     ) {
         struct Done(Arc<Daemon>);
         impl Drop for Done {
@@ -396,16 +458,17 @@ impl Daemon {
         *lock(&self.running) += 1;
         let done = Done(self.clone());
         let s = subject.clone();
+        let held = JobClaim(Mutex::new(Some(claim)));
         let spawned = std::thread::Builder::new()
             .name(subject.thread_name())
             .spawn(move || {
                 let d = done.0.clone();
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&d)));
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&d, &held)));
                 if let Err(payload) = r {
                     let msg = panic_message(payload.as_ref());
-                    s.panicked(&d, &msg);
+                    s.panicked(&d, &msg, &held);
                 }
-                drop(claim);
+                held.release();
                 drop(done);
             });
         if let Err(e) = spawned {
@@ -437,6 +500,21 @@ impl Daemon {
     /// The operations layer.
     pub fn ops(self: &Arc<Self>) -> ops::Ops {
         ops::Ops::new(self.clone())
+    }
+}
+
+/// A running job's claim, released with its last catalog change.
+#[derive(Debug)]
+pub(crate) struct JobClaim(Mutex<Option<claims::Claim>>);
+
+impl JobClaim {
+    /// No claim (a job that never started).
+    pub(crate) fn none() -> JobClaim {
+        JobClaim(Mutex::new(None))
+    }
+
+    pub(crate) fn release(&self) {
+        drop(lock(&self.0).take());
     }
 }
 

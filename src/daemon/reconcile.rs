@@ -267,7 +267,7 @@ fn interrupted_revert(d: &Arc<Daemon>, v: VolumeInfo, snapshot: Uuid) -> Result<
             snapshot,
         },
         claim,
-        move |d| jobs::revert(d, job),
+        move |d, claim| jobs::revert(d, claim, job),
     );
     Ok(())
 }

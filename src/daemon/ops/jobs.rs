@@ -11,7 +11,7 @@ use super::revert_intent;
 use crate::daemon::catalog::{SnapStatus, VolStatus, VolumeKind};
 use crate::daemon::engine::{EngineError, TakeJob};
 use crate::daemon::store::{Change, StoreError};
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, JobClaim};
 use crate::util::error_chain;
 
 /// What a job works on: names its thread and its log lines, and says which
@@ -37,31 +37,39 @@ impl Subject {
         .to_string()
     }
 
-    /// The job panicked: log it, count it, and mark its record error.
-    pub(crate) fn panicked(&self, d: &Daemon, panic: &str) {
+    /// The job panicked: log it, count it, and mark its record error
+    /// (releasing its claim with that change).
+    pub(crate) fn panicked(&self, d: &Daemon, panic: &str, job: &JobClaim) {
         tracing::error!(job = ?self, "a job panicked: {panic}");
         d.metrics.job_panicked();
-        self.fail(d, &format!("internal error: {panic}; see the log"));
+        self.fail(d, &format!("internal error: {panic}; see the log"), job);
     }
 
-    /// The job could not be started at all.
+    /// The job could not be started at all (its claim is gone with it).
     pub(crate) fn not_started(&self, d: &Daemon, why: &str) {
         tracing::error!(job = ?self, "cannot start a job thread: {why}");
-        self.fail(d, &format!("internal error: cannot start the job: {why}"));
+        let none = JobClaim::none();
+        self.fail(
+            d,
+            &format!("internal error: cannot start the job: {why}"),
+            &none,
+        );
     }
 
-    fn fail(&self, d: &Daemon, text: &str) {
+    fn fail(&self, d: &Daemon, text: &str, job: &JobClaim) {
         let r = match self {
-            Subject::Take { snapshot, .. } => fail_snapshot(d, *snapshot, SnapStatus::Error, text),
-            Subject::DeleteSnapshot { snapshot, .. } => {
-                fail_snapshot(d, *snapshot, SnapStatus::ErrorDeleting, text)
+            Subject::Take { snapshot, .. } => {
+                fail_snapshot(d, job, *snapshot, SnapStatus::Error, text)
             }
-            Subject::MakeVolume { volume } => fail_volume(d, volume, VolStatus::Error, text),
+            Subject::DeleteSnapshot { snapshot, .. } => {
+                fail_snapshot(d, job, *snapshot, SnapStatus::ErrorDeleting, text)
+            }
+            Subject::MakeVolume { volume } => fail_volume(d, job, volume, VolStatus::Error, text),
             Subject::DeleteVolume { volume } => {
-                fail_volume(d, volume, VolStatus::ErrorDeleting, text)
+                fail_volume(d, job, volume, VolStatus::ErrorDeleting, text)
             }
             Subject::Revert { volume, snapshot } => d
-                .update_volume(volume, |r| {
+                .finish_volume(job, volume, |r| {
                     revert_intent::clear(r);
                     r.status = VolStatus::Error;
                     r.error = Some(partly_reverted(*snapshot, text));
@@ -79,16 +87,28 @@ pub(crate) fn partly_reverted(snapshot: Uuid, why: &str) -> String {
     format!("partly reverted to {snapshot}; revert again ({why})")
 }
 
-fn fail_snapshot(d: &Daemon, id: Uuid, status: SnapStatus, text: &str) -> Result<(), StoreError> {
-    d.update_snapshot(id, |r| {
+fn fail_snapshot(
+    d: &Daemon,
+    job: &JobClaim,
+    id: Uuid,
+    status: SnapStatus,
+    text: &str,
+) -> Result<(), StoreError> {
+    d.finish_snapshot(job, id, |r| {
         r.status = status;
         r.error = Some(text.to_string());
     })
     .map(drop)
 }
 
-fn fail_volume(d: &Daemon, id: &str, status: VolStatus, text: &str) -> Result<(), StoreError> {
-    d.update_volume(id, |r| {
+fn fail_volume(
+    d: &Daemon,
+    job: &JobClaim,
+    id: &str,
+    status: VolStatus,
+    text: &str,
+) -> Result<(), StoreError> {
+    d.finish_volume(job, id, |r| {
         r.status = status;
         r.error = Some(text.to_string());
     })
@@ -104,7 +124,7 @@ fn unrecorded(what: &str, e: StoreError) {
 }
 
 /// Take a snapshot, then record it available or error.
-pub(crate) fn take(d: &Daemon, job: TakeJob) {
+pub(crate) fn take(d: &Daemon, claim: &JobClaim, job: TakeJob) {
     let id = job.snapshot_id;
     let shown = d.track_progress(&id.to_string());
     let result = d.engine.take(&job, &shown.progress, &d.shutdown);
@@ -122,7 +142,7 @@ pub(crate) fn take(d: &Daemon, job: TakeJob) {
                 "snapshot available"
             );
             d.metrics.snapshot_ok(&job.volume, &out);
-            d.update_snapshot(id, |r| {
+            d.finish_snapshot(claim, id, |r| {
                 r.status = SnapStatus::Available;
                 r.changed_bytes = out.changed_bytes;
                 r.stored_bytes = out.stored_bytes;
@@ -135,7 +155,7 @@ pub(crate) fn take(d: &Daemon, job: TakeJob) {
             let msg = take_failure(&e);
             tracing::error!(volume = %job.volume, snapshot = %id, "snapshot failed: {msg}");
             d.metrics.snapshot_failed(&job.volume);
-            d.update_snapshot(id, |r| {
+            d.finish_snapshot(claim, id, |r| {
                 r.status = SnapStatus::Error;
                 r.error = Some(msg);
             })
@@ -167,19 +187,19 @@ pub(crate) struct DeleteSnapshotJob {
 }
 
 /// Delete a snapshot from its chain, then forget its record.
-pub(crate) fn delete_snapshot(d: &Daemon, job: DeleteSnapshotJob) {
+pub(crate) fn delete_snapshot(d: &Daemon, claim: &JobClaim, job: DeleteSnapshotJob) {
     let id = job.snapshot;
     let r = match d.engine.delete_snapshot(&job.chain, id) {
         Ok(out) => {
             if let Some(out) = out {
                 tracing::info!(volume = %job.volume, snapshot = %id, merged_blocks = out.merged_blocks, released_bytes = out.reclaimed_bytes, "snapshot deleted");
             }
-            d.apply(&[Change::RemoveSnapshot(id)])
+            d.finish_apply(claim, &[Change::RemoveSnapshot(id)])
         }
         Err(e) => {
             let msg = error_chain(&e);
             tracing::error!(snapshot = %id, "delete failed: {msg}");
-            d.update_snapshot(id, |r| {
+            d.finish_snapshot(claim, id, |r| {
                 r.status = SnapStatus::ErrorDeleting;
                 r.error = Some(msg);
             })
@@ -202,7 +222,7 @@ pub(crate) struct MakeVolumeJob {
 }
 
 /// Write a made volume's image, attach it, record it available or error.
-pub(crate) fn make_volume(d: &Daemon, job: MakeVolumeJob) {
+pub(crate) fn make_volume(d: &Daemon, claim: &JobClaim, job: MakeVolumeJob) {
     let id = &job.volume;
     let r = d
         .engine
@@ -218,7 +238,7 @@ pub(crate) fn make_volume(d: &Daemon, job: MakeVolumeJob) {
     let saved = match r {
         Ok(dev) => {
             tracing::info!(volume = %id, device = %dev.display(), "volume available");
-            d.update_volume(id, |r| {
+            d.finish_volume(claim, id, |r| {
                 r.status = VolStatus::Available;
                 r.error = None;
                 r.metadata
@@ -234,7 +254,7 @@ pub(crate) fn make_volume(d: &Daemon, job: MakeVolumeJob) {
             if let Err(e) = d.engine.remove(&job.image) {
                 tracing::warn!(volume = %id, "{}", error_chain(&e));
             }
-            d.update_volume(id, |r| {
+            d.finish_volume(claim, id, |r| {
                 r.status = VolStatus::Error;
                 r.error = Some(msg);
             })
@@ -255,7 +275,7 @@ pub(crate) struct DeleteVolumeJob {
 }
 
 /// Detach a made volume and remove its files, then forget its record.
-pub(crate) fn delete_volume(d: &Daemon, job: DeleteVolumeJob) {
+pub(crate) fn delete_volume(d: &Daemon, claim: &JobClaim, job: DeleteVolumeJob) {
     let id = &job.volume;
     let r = (|| -> Result<(), EngineError> {
         if let Some(dev) = &job.device {
@@ -268,12 +288,12 @@ pub(crate) fn delete_volume(d: &Daemon, job: DeleteVolumeJob) {
     let saved = match r {
         Ok(()) => {
             tracing::info!(volume = %id, "volume deleted");
-            d.apply(&[Change::RemoveVolume(id.clone())])
+            d.finish_apply(claim, &[Change::RemoveVolume(id.clone())])
         }
         Err(e) => {
             let msg = error_chain(&e);
             tracing::error!(volume = %id, "volume delete failed: {msg}");
-            d.update_volume(id, |r| {
+            d.finish_volume(claim, id, |r| {
                 r.status = VolStatus::ErrorDeleting;
                 r.error = Some(msg);
             })
@@ -298,7 +318,7 @@ pub(crate) struct RevertJob {
 
 /// Revert a device, then record the outcome and clear the intent. The
 /// revert metadata then describes this revert, and only if it completed.
-pub(crate) fn revert(d: &Daemon, job: RevertJob) {
+pub(crate) fn revert(d: &Daemon, claim: &JobClaim, job: RevertJob) {
     let id = &job.volume;
     let snap = job.snapshot;
     let shown = d.track_progress(id);
@@ -311,7 +331,7 @@ pub(crate) fn revert(d: &Daemon, job: RevertJob) {
         Ok(out) => {
             tracing::info!(volume = %id, snapshot = %snap, blocks_checked = out.blocks_checked, blocks_written = out.blocks_written, resumed = job.resumed, "volume reverted");
             d.metrics.reverted(id, out.blocks_written);
-            d.update_volume(id, |r| {
+            d.finish_volume(claim, id, |r| {
                 revert_intent::clear(r);
                 r.status = VolStatus::Available;
                 r.error = None;
@@ -329,7 +349,7 @@ pub(crate) fn revert(d: &Daemon, job: RevertJob) {
             // Nothing written (and nothing left by an earlier run): the
             // volume is as it was.
             let partial = job.resumed || e.partly_reverted();
-            d.update_volume(id, |r| {
+            d.finish_volume(claim, id, |r| {
                 revert_intent::clear(r);
                 if partial {
                     r.status = VolStatus::Error;

@@ -16,6 +16,17 @@ use crate::daemon::store::{Change, Page, SnapshotQuery, SortDir, SortKey, StoreE
 use crate::quiesce::{self, Mode};
 use crate::util::now_micros;
 
+/// Whether a volume's record keeps it from being snapshotted: a made
+/// volume must be available; a configured one must not be marked error
+/// (partly reverted).
+fn unusable(configured: bool, status: VolStatus) -> bool {
+    if configured {
+        status == VolStatus::Error
+    } else {
+        status != VolStatus::Available
+    }
+}
+
 /// A new snapshot of a volume.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CreateSnapshot {
@@ -82,14 +93,7 @@ impl Ops {
         let d = &self.d;
         let mounted = d.mounted(&vol).unwrap_or(false);
         let size = d.device_size(&vol);
-        // A made volume must be available; a configured one must not be
-        // marked error (partly reverted).
-        let unavailable = if vol.configured {
-            vol.record.status == VolStatus::Error
-        } else {
-            vol.record.status != VolStatus::Available
-        };
-        if unavailable {
+        if unusable(vol.configured, vol.record.status) {
             return Err(OpError::VolumeNotAvailable);
         }
         // A mounted volume is snapshotted safely by freezing or unmounting
@@ -127,7 +131,17 @@ impl Ops {
             stored_bytes: 0,
             freeze_ms: 0.0,
         };
-        d.apply(&[Change::PutSnapshot(record.clone())])?;
+        // Under the claim: check the volume was not marked meanwhile (a
+        // revert that just failed halfway records that before it releases).
+        d.write(|s| -> Result<(), OpError> {
+            if let Some(r) = s.volume(&vol.id)? {
+                if unusable(vol.configured, r.status) {
+                    return Err(OpError::VolumeNotAvailable);
+                }
+            }
+            s.apply(&[Change::PutSnapshot(record.clone())])?;
+            Ok(())
+        })?;
         tracing::info!(volume = %vol.id, snapshot = %id, force = req.force, "snapshot requested");
         let mut keep_off = vec![d.config.state_dir.clone(), d.config.socket.clone()];
         keep_off.dedup();
@@ -154,7 +168,7 @@ impl Ops {
                 snapshot: id,
             },
             claim,
-            move |d| jobs::take(d, job),
+            move |d, claim| jobs::take(d, claim, job),
         );
         Ok(Snapshot {
             record,
@@ -237,7 +251,7 @@ impl Ops {
                 snapshot: rec.id,
             },
             claim,
-            move |d| jobs::delete_snapshot(d, job),
+            move |d, claim| jobs::delete_snapshot(d, claim, job),
         );
         Ok(())
     }

@@ -217,7 +217,7 @@ impl Ops {
         d.spawn(
             Subject::MakeVolume { volume: id.clone() },
             claim,
-            move |d| jobs::make_volume(d, job),
+            move |d, claim| jobs::make_volume(d, claim, job),
         );
         // As recorded when answered: being created, of the size asked for.
         let info = crate::daemon::Daemon::made_info(record).expect("a made volume");
@@ -367,7 +367,7 @@ impl Ops {
                 volume: v.id.clone(),
             },
             claim,
-            move |d| jobs::delete_volume(d, job),
+            move |d, claim| jobs::delete_volume(d, claim, job),
         );
         Ok(())
     }
@@ -443,7 +443,7 @@ impl Ops {
                 snapshot: snap.id,
             },
             claim,
-            move |d| jobs::revert(d, job),
+            move |d, claim| jobs::revert(d, claim, job),
         );
         Ok(())
     }
