@@ -27,11 +27,16 @@ pub enum Operation {
     MakeVolume,
     /// Reverting a volume to a snapshot.
     Revert,
+    /// Creating a new chain file (the first take of a volume).
+    CreateChain,
 }
 
 /// Every place a crash test may stop or kill the process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Point {
+    /// A new chain's header written under its temporary name, not yet
+    /// linked into place.
+    ChainCreate,
     BeforeFreeze,
     AfterFreeze,
     /// Each batch of changed blocks appended to a segment.
@@ -61,6 +66,7 @@ pub enum Point {
 
 impl Point {
     pub const ALL: &'static [Point] = &[
+        Point::ChainCreate,
         Point::BeforeFreeze,
         Point::AfterFreeze,
         Point::Append,
@@ -85,6 +91,7 @@ impl Point {
     /// The name `BLOCKSNAP_FAULT_POINT` takes.
     pub fn name(self) -> &'static str {
         match self {
+            Point::ChainCreate => "chain-create",
             Point::BeforeFreeze => "before-freeze",
             Point::AfterFreeze => "after-freeze",
             Point::Append => "append",
@@ -129,6 +136,7 @@ impl Point {
             }
             Point::VolumeRestore | Point::VolumeAttach => &[MakeVolume],
             Point::RevertBeforeWrite | Point::RevertMid | Point::RevertBeforeCatalog => &[Revert],
+            Point::ChainCreate => &[CreateChain],
         }
     }
 

@@ -47,16 +47,43 @@ impl Chain {
             path: path.to_path_buf(),
             source,
         };
-        match OpenOptions::new()
+        // A new chain appears whole or not at all: its header is written and
+        // made durable under a temporary name first, then linked into place
+        // (which fails if someone else created it meanwhile). A crash can
+        // no longer leave an empty file that no later take could open.
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(path.file_name().unwrap_or_default());
+        tmp_name.push(format!(".{}.new", Uuid::new_v4().simple()));
+        let tmp = path.with_file_name(tmp_name);
+        let write_err = |source| ChainError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        let existing = || -> Result<Chain, ChainError> {
+            let chain = Chain::open(path, Access::Write)?;
+            match block_size {
+                Some(bs) if bs != chain.header.block_size => Err(ChainError::BlockSize {
+                    path: path.to_path_buf(),
+                    chain: chain.header.block_size,
+                    requested: bs,
+                }),
+                _ => Ok(chain),
+            }
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(_) => return existing(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(open_err(e)),
+        }
+        let created = match OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .mode(0o600)
-            .open(path)
+            .open(&tmp)
         {
             Ok(file) => {
-                let guard = lock(&file, path)?;
                 let header = FileHeader {
                     version: VERSION,
                     chain_id: Uuid::new_v4(),
@@ -64,27 +91,30 @@ impl Chain {
                     seed: rand::random(),
                     created_us: crate::util::now_micros(),
                 };
-                let write_err = |source| ChainError::Write {
-                    path: path.to_path_buf(),
-                    source,
-                };
-                sys::pwrite_full(file.as_fd(), &header.encode(), 0).map_err(write_err)?;
-                file.sync_all().map_err(write_err)?;
-                crate::util::sync_parent(path).map_err(write_err)?;
-                Chain::load(path, file, Access::Write, Some(guard))
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let chain = Chain::open(path, Access::Write)?;
-                match block_size {
-                    Some(bs) if bs != chain.header.block_size => Err(ChainError::BlockSize {
-                        path: path.to_path_buf(),
-                        chain: chain.header.block_size,
-                        requested: bs,
-                    }),
-                    _ => Ok(chain),
+                let written = sys::pwrite_full(file.as_fd(), &header.encode(), 0)
+                    .and_then(|_| file.sync_all())
+                    .map_err(write_err);
+                crate::fault::point(crate::fault::Point::ChainCreate);
+                let linked = written.map(|()| std::fs::hard_link(&tmp, path));
+                let _ = std::fs::remove_file(&tmp);
+                match linked? {
+                    Ok(()) => {
+                        crate::util::sync_parent(path).map_err(write_err)?;
+                        Some(file)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
+                    Err(e) => return Err(open_err(e)),
                 }
             }
-            Err(e) => Err(open_err(e)),
+            Err(e) => return Err(open_err(e)),
+        };
+        match created {
+            Some(file) => {
+                let guard = lock(&file, path)?;
+                Chain::load(path, file, Access::Write, Some(guard))
+            }
+            // Someone else created it meanwhile.
+            None => existing(),
         }
     }
 
