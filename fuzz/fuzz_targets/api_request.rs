@@ -38,8 +38,8 @@ fn world() -> &'static World {
             let d = Daemon::start(
                 config,
                 engine,
-                Box::new(|dir| {
-                    let s = blocksnap::daemon::json_store::JsonStore::open(dir)?;
+                Box::new(|_| {
+                    let s = blocksnap::daemon::store::MemStore::new();
                     Ok(Arc::new(s) as Arc<dyn blocksnap::daemon::store::Store>)
                 }),
             )
