@@ -9,6 +9,7 @@
 //! - [`quiesce`]: freeze / unmount / exclusive open, never leaving a filesystem frozen.
 //! - [`take`]: a whole snapshot, from quiesce to commit.
 
+pub mod backup;
 pub mod chain;
 pub mod client;
 pub mod config;
