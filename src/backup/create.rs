@@ -28,7 +28,7 @@ use super::list::BackupInfo;
 use super::manifest::{object_key, Extent, Loc, Manifest, ObjectRef, Overlay};
 use super::store::{md5_etag, PutMode};
 use super::{cancelled, check_volume, lock, state, BackupError, Progress, Remote};
-use crate::chain::{Chain, ChainError, Plan, Source};
+use crate::chain::{Chain, ChainError, Origin, Plan};
 use crate::fingerprint::FingerprintMap;
 use crate::sys;
 
@@ -189,7 +189,7 @@ pub fn create(
     let to_read: u64 = plan
         .runs
         .iter()
-        .filter(|r| matches!(r.source, Source::Data { .. }))
+        .filter(|r| matches!(r.source, Origin::Data { .. }))
         .map(|r| {
             (0..r.count)
                 .filter(|i| match &diff {
@@ -526,7 +526,7 @@ fn scan(
             return Err(BackupError::Cancelled);
         }
         match r.source {
-            Source::Zero => {
+            Origin::Zero => {
                 for i in 0..r.count {
                     let blk = r.block + i;
                     let changed = match diff {
@@ -541,7 +541,7 @@ fn scan(
                     }
                 }
             }
-            Source::Data {
+            Origin::Data {
                 offset,
                 segment,
                 meta,
