@@ -1024,6 +1024,146 @@ mod tests {
         }
     }
 
+    /// A credentials file (mode 0600) and a key file in a temp dir.
+    fn secrets() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let c = d.path().join("creds.toml");
+        std::fs::write(
+            &c,
+            "access_key_id = \"AKIAEXAMPLE\"\nsecret_access_key = \"very-secret-value\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&c, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let k = d.path().join("key");
+        std::fs::write(&k, [7u8; 32]).unwrap();
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (d, c, k)
+    }
+
+    #[test]
+    fn remotes_parse_and_never_show_their_secrets() {
+        let (_d, c, k) = secrets();
+        let img = image();
+        let text = format!(
+            "{TOKENS}[[remotes]]\nname = \"offsite\"\nendpoint = \"http://127.0.0.1:9000\"\nbucket = \"backups\"\nprefix = \"/host1/\"\ncredentials_file = \"{}\"\nkey_file = \"{}\"\nbandwidth_limit = \"50 MiB/s\"\nobject_size = \"32MiB\"\n\n[[volumes]]\nid = \"v1\"\ndevice = \"{}\"\nbackup_remote = \"offsite\"\n",
+            c.display(),
+            k.display(),
+            img.path().display()
+        );
+        let cfg = parse(&text).unwrap();
+        let r = &cfg.remotes[0];
+        assert_eq!(r.endpoint, "http://127.0.0.1:9000/");
+        assert_eq!(r.prefix, "host1/");
+        assert_eq!(r.region, "us-east-1");
+        assert_eq!(r.bandwidth_limit, Some(50 << 20));
+        assert_eq!(r.object_size, 32 << 20);
+        assert_eq!(r.credentials.secret_access_key, "very-secret-value");
+        assert!(r.key.is_some());
+        assert_eq!(cfg.volumes[0].backup_remote.as_deref(), Some("offsite"));
+        let dbg = format!("{cfg:?}");
+        assert!(
+            !dbg.contains("very-secret") && !dbg.contains("AKIAEXAMPLE"),
+            "{dbg}"
+        );
+        // The remotes alone, from the daemon's file: volumes not checked.
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            f.path(),
+            text.replace(&img.path().display().to_string(), "/gone"),
+        )
+        .unwrap();
+        let rs = load_remotes(f.path()).unwrap();
+        assert_eq!(rs[0].name, "offsite");
+        assert_eq!(parse_size("1.5KiB"), Some(1536));
+        assert_eq!(parse_size("10 MB/s"), Some(10_000_000));
+        assert_eq!(parse_size("ten"), None);
+    }
+
+    #[test]
+    fn remote_mistakes_name_their_line() {
+        use std::os::unix::fs::PermissionsExt;
+        let (d, c, k) = secrets();
+        let open = d.path().join("open.toml");
+        std::fs::copy(&c, &open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let bad_creds = d.path().join("bad.toml");
+        std::fs::write(
+            &bad_creds,
+            "access_key_id = 12345678\nsecret_access_key = \"s3cr3t-v4lue\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&bad_creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let img = image();
+        let remote = |extra: &str, creds: &Path| {
+            format!(
+                "{TOKENS}[[remotes]]\nname = \"r\"\nendpoint = \"http://h:1\"\nbucket = \"bkt\"\ncredentials_file = \"{}\"\n{extra}",
+                creds.display()
+            )
+        };
+        let cases: Vec<(String, usize, &str)> = vec![
+            (remote("", &open), 8, "chmod 600"),
+            (
+                remote("", &bad_creds),
+                8,
+                "access_key_id and secret_access_key",
+            ),
+            (remote("colour = \"red\"\n", &c), 9, "unknown field"),
+            (remote("bucket2 = 1\n", &c), 9, "unknown field"),
+            (
+                remote(&format!("key_file = \"{}\"\n", open.display()), &c),
+                9,
+                "chmod 600",
+            ),
+            (
+                remote(&format!("key_file = \"{}\"\n", c.display()), &c),
+                9,
+                "32 random bytes",
+            ),
+            (
+                remote("bandwidth_limit = \"fast\"\n", &c),
+                9,
+                "bandwidth_limit",
+            ),
+            (remote("part_size = 1024\n", &c), 9, "part_size"),
+            (remote("concurrency = 0\n", &c), 9, "concurrency"),
+            (
+                remote("", &c).replace("http://h:1", "ftp://h"),
+                6,
+                "http://",
+            ),
+            (remote("", &c).replace("bkt", "Bad_Bucket"), 7, "bucket"),
+            (
+                format!(
+                    "{}[[volumes]]\nid = \"v\"\ndevice = \"{}\"\nbackup_remote = \"nope\"\n",
+                    remote("", &c),
+                    img.path().display()
+                ),
+                12,
+                "names no [[remotes]]",
+            ),
+            (
+                format!("{}{}", remote("", &c), remote("", &c).replace(TOKENS, "")),
+                10,
+                "twice",
+            ),
+        ];
+        for (text, line, needle) in cases {
+            let e = parse(&text).expect_err(&text);
+            assert_eq!(e.line, line, "wrong line for {needle:?}: {e}\n{text}");
+            assert!(
+                e.message.contains(needle),
+                "{:?} lacks {needle:?}",
+                e.message
+            );
+            assert!(
+                !e.message.contains("s3cr3t") && !e.message.contains("12345678"),
+                "{e}"
+            );
+        }
+        let _ = k;
+    }
+
     #[test]
     fn tenants_are_url_safe() {
         assert!(valid_name("yourAccountID"));

@@ -603,6 +603,9 @@ fn scan(
     Ok(())
 }
 
+/// What [`read_run`] calls for each block.
+type BlockFn<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<(), BackupError>;
+
 /// Bytes read from the chain per pread.
 const READ_BATCH: u64 = 8 << 20;
 
@@ -616,7 +619,7 @@ fn read_run(
     chain_offset: u64,
     segment: usize,
     meta: u32,
-    f: &mut dyn FnMut(u64, &[u8]) -> Result<(), BackupError>,
+    f: BlockFn<'_>,
 ) -> Result<(), BackupError> {
     let bs = plan.block_size as u64;
     let fd = chain.file().as_fd();

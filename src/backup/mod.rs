@@ -52,7 +52,7 @@ pub enum BackupError {
     #[error(transparent)]
     Chain(#[from] ChainError),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(Box<StoreError>),
     #[error("remote {remote} cannot be used: {detail}")]
     BadRemote { remote: String, detail: String },
     #[error("volume name {volume:?} must be 1 to 64 letters, digits, '-', '_' or '.'")]
@@ -166,6 +166,12 @@ pub enum BackupError {
         child: Uuid,
         detail: String,
     },
+}
+
+impl From<StoreError> for BackupError {
+    fn from(e: StoreError) -> Self {
+        BackupError::Store(Box::new(e))
+    }
 }
 
 /// Progress of a long operation, for a progress bar or the API.
@@ -423,3 +429,6 @@ fn cancelled(c: &Option<Arc<std::sync::atomic::AtomicBool>>) -> bool {
     c.as_ref()
         .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
 }
+
+#[cfg(test)]
+mod tests;

@@ -177,7 +177,7 @@ impl S3Store {
             op,
             key: key.to_string(),
             attempts,
-            cause,
+            cause: Box::new(cause),
         }
     }
 

@@ -16,13 +16,13 @@ pub struct StoreError {
     pub key: String,
     pub attempts: u32,
     #[source]
-    pub cause: RequestError,
+    pub cause: Box<RequestError>,
 }
 
 impl StoreError {
     /// The HTTP status of the last answer, if there was one.
     pub fn status(&self) -> Option<u16> {
-        match &self.cause {
+        match &*self.cause {
             RequestError::Status { status, .. } => Some(*status),
             _ => None,
         }
@@ -220,11 +220,11 @@ impl Store for MemStore {
             op: "upload part of",
             key: key.to_string(),
             attempts: 1,
-            cause: RequestError::Status {
+            cause: Box::new(RequestError::Status {
                 status: 404,
                 code: "NoSuchUpload".into(),
                 message: "no such upload".into(),
-            },
+            }),
         })?;
         up.1.insert(number, body.to_vec());
         self.sent.fetch_add(body.len() as u64, Ordering::Relaxed);
@@ -247,11 +247,11 @@ impl Store for MemStore {
                 op: "complete upload of",
                 key: key.to_string(),
                 attempts: 1,
-                cause: RequestError::Status {
+                cause: Box::new(RequestError::Status {
                     status: 404,
                     code: "NoSuchUpload".into(),
                     message: "no such upload".into(),
-                },
+                }),
             });
         };
         let mut body = Vec::new();
