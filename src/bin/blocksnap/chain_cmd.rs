@@ -49,6 +49,8 @@ pub enum ChainCommand {
     },
     /// Delete one snapshot; every other snapshot still restores exactly as before
     Delete { chain: PathBuf, snapshot_id: String },
+    /// Back up snapshot SNAPSHOT_ID of CHAIN to a remote (what changed since the volume's last backup); prints the backup id last
+    Backup(crate::backup_cmd::ChainBackupArgs),
 }
 
 #[derive(Args, Debug)]
@@ -148,7 +150,7 @@ fn progress_bar(total: u64, what: &str) -> Option<indicatif::ProgressBar> {
 }
 
 /// Run `work` while a progress bar (on a terminal) follows `done`/`total`.
-fn with_progress<T>(
+pub(crate) fn with_progress<T>(
     what: &str,
     total: impl Fn() -> u64 + Send + Sync,
     done: impl Fn() -> u64 + Send + Sync,
@@ -279,6 +281,7 @@ pub fn run(cmd: ChainCommand) -> Result<(), Failure> {
                 })
             }
         }
+        ChainCommand::Backup(a) => crate::backup_cmd::chain_backup(a),
         ChainCommand::Delete { chain, snapshot_id } => {
             let mut c = Chain::open(&chain, Access::Write)?;
             let id = c.find(&snapshot_id)?.id;

@@ -2,6 +2,7 @@
 //! files directly (no daemon needed: restores on any host); the other
 //! commands talk to a running `blocksnapd`.
 
+mod backup_cmd;
 mod chain_cmd;
 mod client_cmd;
 mod thaw_cmd;
@@ -33,6 +34,9 @@ enum Command {
     /// Work directly on chain files (take, list, restore, verify, delete)
     #[command(subcommand)]
     Chain(chain_cmd::ChainCommand),
+    /// Backups on S3-compatible remotes, used directly (restore, verify, list, show, delete, gc, unlock)
+    #[command(subcommand)]
+    Backup(backup_cmd::BackupCommand),
     /// Thaw filesystems left frozen by a blocksnap process that died
     Thaw(thaw_cmd::ThawArgs),
     /// Snapshots through blocksnapd (create, list, show, delete)
@@ -83,6 +87,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Chain(c) => chain_cmd::run(c),
+        Command::Backup(c) => backup_cmd::run(c),
         Command::Thaw(a) => thaw_cmd::run(a),
         Command::Snapshot { command, client } => client_cmd::snapshot(command, client),
         Command::Volume { command, client } => client_cmd::volume(command, client),
