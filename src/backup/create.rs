@@ -307,8 +307,12 @@ pub fn create(
     if m.parent.is_none() {
         debug_assert_eq!(m.extents.iter().map(|x| x.count as u64).sum::<u64>(), n);
     }
-    match store.put(&m.key(), &m.encode(key), PutMode::Create)? {
+    let encoded = m.encode(key);
+    match store.put(&m.key(), &encoded, PutMode::Create)? {
         super::store::Put::Done => {}
+        // An earlier attempt of this put went through though its answer
+        // was lost: the same bytes are there.
+        super::store::Put::Exists if store.get(&m.key())?.as_deref() == Some(&encoded[..]) => {}
         super::store::Put::Exists => {
             return Err(BackupError::BadRemote {
                 remote: remote.name.clone(),
@@ -697,7 +701,10 @@ fn upload(
         if let Some(id) = ids.last() {
             match store.list_parts(&key, id) {
                 Ok(parts) => resumed = Some((id.clone(), parts)),
-                Err(e) => tracing::debug!("cannot resume upload of {key}: {e}"),
+                Err(e) => tracing::warn!(
+                    "cannot resume the upload of {key}, starting it again: {}",
+                    crate::util::error_chain(&e)
+                ),
             }
         }
     }

@@ -131,6 +131,9 @@ pub fn exclusive<'a>(
                 match holder {
                     // Released meanwhile: try again.
                     None => continue,
+                    // Ours: an earlier attempt of this request went through
+                    // though its answer was lost.
+                    Some(h) if h.token == me.token => break,
                     Some(h) if h.is_stale() && !took_over => {
                         tracing::warn!(
                             "taking over the lock of volume {volume} on remote {} left by {h}, which is gone",

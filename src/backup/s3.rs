@@ -684,23 +684,24 @@ impl Store for S3Store {
             if a.status == 404 {
                 return Ok(Vec::new());
             }
-            let text = String::from_utf8_lossy(&a.body);
-            let r = rusty_s3::actions::ListParts::parse_response(&text).map_err(|e| {
-                self.err(
-                    "list parts of",
-                    key,
-                    1,
-                    RequestError::Protocol(e.to_string()),
-                )
-            })?;
-            for p in r.parts {
-                out.push(Part {
-                    number: p.number,
-                    etag: p.etag,
-                    size: p.size,
-                });
+            // Parsed by hand: servers differ in the root element's name
+            // (ListPartsResult, or moto's ListPartsResponse).
+            let text = String::from_utf8_lossy(&a.body).into_owned();
+            for p in xml_fields(&text, "Part") {
+                let number = xml_field(p, "PartNumber").and_then(|n| n.parse().ok());
+                let size = xml_field(p, "Size").and_then(|n| n.parse().ok());
+                let (Some(number), Some(size), Some(etag)) = (number, size, xml_field(p, "ETag"))
+                else {
+                    return Err(self.err(
+                        "list parts of",
+                        key,
+                        1,
+                        RequestError::Protocol("a part without number, size or ETag".into()),
+                    ));
+                };
+                out.push(Part { number, etag, size });
             }
-            match r.next_part_number_marker {
+            match xml_field(&text, "NextPartNumberMarker").and_then(|m| m.parse().ok()) {
                 Some(m) if xml_field(&text, "IsTruncated").as_deref() == Some("true") => {
                     marker = Some(m)
                 }
