@@ -121,8 +121,8 @@ def main():
     took = (time.monotonic() - started) / 60
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     head = (
-        f"Measured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC with `bench/backup.sh"
-        f"{' --quick' if a.quick else ''}` ({took:.1f} minutes) on {platform.node()}: "
+        f"Measured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC with "
+        f"`{' '.join(['bench/backup.sh', *sys.argv[1:]])}` ({took:.1f} minutes) on {platform.node()}: "
         f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}. The S3 server is moto "
         f"(Python, in memory) on 127.0.0.1, the same for blocksnap and the AWS CLI. Image: "
         f"{human(size)} file, about 60% random bytes and 40% zeros in 1 MiB runs; remote with "

@@ -270,6 +270,10 @@ pub fn create(
             &failed,
         );
         let r = r.and_then(|()| b.flush());
+        if r.is_err() {
+            // Stop the uploaders: nothing they send now will be used.
+            failed.store(true, Ordering::Relaxed);
+        }
         // Let the uploaders drain and stop.
         b.tx = None;
         r.map(|()| b)

@@ -293,7 +293,10 @@ impl Manifest {
         let mut next = 0u64;
         let mut sums = 0usize;
         for x in &self.extents {
-            if x.count == 0 || x.block < next || x.end() > n {
+            if x.count == 0
+                || x.block < next
+                || x.block.checked_add(x.count as u64).is_none_or(|e| e > n)
+            {
                 return Err(format!(
                     "extent at block {} is out of order or outside the device",
                     x.block
@@ -321,12 +324,10 @@ impl Manifest {
         if sums != self.sums.len() {
             return Err("checksum count out of step".into());
         }
-        if self.parent.is_none() && next != n && !self.extents.is_empty() {
-            // A full backup lists every block (zeros as zero extents).
-            let covered: u64 = self.extents.iter().map(|x| x.count as u64).sum();
-            if covered != n {
-                return Err("a full backup does not cover every block".into());
-            }
+        // A full backup lists every block (zeros as zero extents).
+        let covered: u64 = self.extents.iter().map(|x| x.count as u64).sum();
+        if self.parent.is_none() && covered != n {
+            return Err("a full backup does not cover every block".into());
         }
         Ok(())
     }
@@ -768,6 +769,28 @@ pub(crate) mod tests {
             ),
             Err(ManifestError::WrongKey { .. })
         ));
+    }
+
+    #[test]
+    fn extents_outside_the_device_are_refused_not_wrapped() {
+        let mut m = sample(Some(Uuid::new_v4()));
+        // Its end wraps around to block 3.
+        m.extents[2] = Extent {
+            block: u64::MAX - 1,
+            count: 5,
+            loc: Loc::Zero,
+            sum: 0,
+        };
+        m.sums.pop();
+        assert!(m.check().is_err());
+        let b = m.encode(None);
+        assert!(matches!(
+            Manifest::decode(&b, None, &m.volume, m.seq, m.id),
+            Err(ManifestError::Malformed(_))
+        ));
+        let mut m = sample(None);
+        m.extents.pop();
+        assert!(m.check().is_err(), "a full backup must cover every block");
     }
 
     #[test]
