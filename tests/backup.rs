@@ -527,3 +527,63 @@ fn encrypted_backups_hold_no_plaintext_and_a_wrong_key_is_named() {
         "encrypted",
     );
 }
+
+#[test]
+fn credentials_never_appear_in_logs_or_errors() {
+    if !have_server("backup credentials") {
+        return;
+    }
+    let server = S3Server::start();
+    let proxy = Proxy::start(server.port);
+    let files = remote_files(
+        &proxy.endpoint(),
+        None,
+        "retries = 1\nretry_delay_seconds = 0.01\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let img = work.path().join("img");
+    make_image(&img, 4 << 20, 2);
+    let chain = work.path().join("c.chain");
+    let snap = take(&img, &chain, &[]);
+    let run = |faults: Faults| {
+        proxy.set(faults);
+        Command::new(bin("blocksnap"))
+            .args(["chain", "backup"])
+            .arg(&chain)
+            .arg(&snap)
+            .arg("--config")
+            .arg(&files.config)
+            .args(["--remote", "s3", "--volume", "v", "--json"])
+            .env("BLOCKSNAP_LOG", "trace")
+            .output()
+            .unwrap()
+    };
+    let good = run(Faults::default());
+    assert!(good.status.success());
+    let bad = run(Faults {
+        fail_all: true,
+        ..Default::default()
+    });
+    assert!(!bad.status.success());
+    for out in [good, bad] {
+        for text in [&out.stdout, &out.stderr] {
+            let t = String::from_utf8_lossy(text);
+            assert!(!t.is_empty() || text == &out.stdout);
+            for secret in [
+                ACCESS_KEY,
+                SECRET_KEY,
+                "X-Amz-Credential",
+                "X-Amz-Signature",
+            ] {
+                assert!(!t.contains(secret), "{secret} in output: {t}");
+            }
+        }
+    }
+    // The configuration's Debug form has none of them either.
+    let rs = blocksnap::config::load_remotes(&files.config).unwrap();
+    let dbg = format!("{rs:?} {:?}", remote_store(&files.config));
+    assert!(
+        !dbg.contains(ACCESS_KEY) && !dbg.contains(SECRET_KEY),
+        "{dbg}"
+    );
+}

@@ -12,6 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub const BUCKET: &str = "blocksnap-test";
+/// Test credentials, distinctive so a leak into output is found.
+pub const ACCESS_KEY: &str = "AKIABLOCKSNAPTEST42";
+pub const SECRET_KEY: &str = "sEcReT-blocksnap-test-4242";
 
 /// The Python of the virtualenv scripts/install-deps.sh makes.
 fn python() -> Option<PathBuf> {
@@ -322,7 +325,7 @@ pub fn remote_files(endpoint: &str, key: Option<&[u8; 32]>, extra: &str) -> Remo
     let creds = dir.path().join("credentials.toml");
     std::fs::write(
         &creds,
-        "access_key_id = \"testing\"\nsecret_access_key = \"testing-secret\"\n",
+        format!("access_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n"),
     )
     .unwrap();
     std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
