@@ -19,6 +19,10 @@
 //! - Calls block (disk I/O): async code calls them on the blocking pool,
 //!   never on an async worker.
 
+pub mod mem;
+
+pub use mem::MemStore;
+
 use uuid::Uuid;
 
 use super::catalog::{SnapshotRecord, VolumeRecord};
