@@ -21,6 +21,7 @@ pub mod loopdev;
 pub mod quiesce;
 pub mod revert;
 pub mod sigbus;
+pub mod statedir;
 pub mod sys;
 pub mod take;
 pub mod util;
