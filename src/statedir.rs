@@ -413,6 +413,16 @@ impl StateDir {
         }
     }
 
+    /// `lstat` of `name` (a symlink is not followed); `None` if nothing.
+    pub fn stat(&self, name: &str) -> io::Result<Option<FileStat>> {
+        check_name(name)?;
+        match nix::sys::stat::fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st)),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(nix_io(e)),
+        }
+    }
+
     /// Names in the directory (not `.`/`..`), in no particular order.
     pub fn names(&self) -> io::Result<Vec<String>> {
         let mut out = Vec::new();
