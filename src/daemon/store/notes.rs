@@ -25,6 +25,10 @@
 //! entry names (or the catalog's own sequence, if higher), and the change
 //! right after it only if all its `parts` are there (a crash between the
 //! notes and the commit leaves it complete or not at all, never half).
+//! Whatever deletes entries (removing the file of a place with no records
+//! left, rewriting a file) first leaves a `"op":"mark"` line with the last
+//! committed change in a file that stays, so no committed change is ever
+//! judged incomplete.
 
 use std::collections::BTreeMap;
 
@@ -85,6 +89,8 @@ pub enum Op {
     RemoveSnapshot(Uuid),
     PutVolume(VolumeRecord),
     RemoveVolume(String),
+    /// No record: says change `committed` was committed (see [`mark_line`]).
+    Mark,
 }
 
 impl Op {
@@ -113,6 +119,16 @@ pub fn line(entry: &Entry) -> String {
 pub fn put_line(seq: u64, committed: u64, volume: bool, record_json: &str) -> String {
     let op = if volume { "put_volume" } else { "put_snapshot" };
     raw_line(seq, 0, committed, op, record_json)
+}
+
+/// A line saying change `seq` is committed. Written into a file that stays
+/// before lines of that change are deleted (a notes file removed, or
+/// rewritten), so recovery still trusts the change when its other entries
+/// no longer add up to its `parts`.
+pub fn mark_line(seq: u64) -> String {
+    frame(&format!(
+        "{{\"seq\":{seq},\"parts\":0,\"committed\":{seq},\"op\":\"mark\"}}"
+    ))
 }
 
 /// One line from its parts; `op` is the variant name (`put_snapshot`...)
@@ -219,7 +235,10 @@ pub fn recover(entries: impl IntoIterator<Item = Entry>, known: u64) -> Recovere
     let max_seen = entries.iter().map(|e| e.seq).max().unwrap_or(0).max(known);
     // The change after the last committed one counts only if whole.
     let next = committed + 1;
-    let next_entries: Vec<&Entry> = entries.iter().filter(|e| e.seq == next).collect();
+    let next_entries: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| e.seq == next && e.parts > 0)
+        .collect();
     let next_complete = !next_entries.is_empty()
         && next_entries
             .iter()
@@ -241,6 +260,7 @@ pub fn recover(entries: impl IntoIterator<Item = Entry>, known: u64) -> Recovere
             Op::RemoveSnapshot(id) => (false, id.to_string()),
             Op::PutVolume(r) => (true, r.id.clone()),
             Op::RemoveVolume(id) => (true, id.clone()),
+            Op::Mark => continue,
         };
         let cand = (e.seq, e.op.is_put(), i);
         match best.get(&key) {
@@ -257,6 +277,7 @@ pub fn recover(entries: impl IntoIterator<Item = Entry>, known: u64) -> Recovere
             Op::RemoveSnapshot(id) => Outcome::Snapshot(*id, seq, None),
             Op::PutVolume(r) => Outcome::Volume(r.id.clone(), seq, Some(r.clone())),
             Op::RemoveVolume(id) => Outcome::Volume(id.clone(), seq, None),
+            Op::Mark => unreachable!("marks name no record"),
         })
         .collect();
     let seq = if next_complete { next } else { committed };
@@ -368,6 +389,16 @@ mod tests {
         assert!(r
             .outcomes
             .contains(&Outcome::Snapshot(Uuid::from_u128(2), 3, None)));
+        // Change 3 lost one entry (its file was removed after the commit),
+        // but a mark says it was committed.
+        let mut es = vec![put(2, 2, 1, 1, "b"), put(3, 2, 2, 1, "c")];
+        let p = parse(mark_line(3).as_bytes());
+        es.extend(p.entries);
+        let r = recover(es, 0);
+        assert_eq!((r.seq, r.incomplete), (3, 0));
+        assert!(
+            matches!(&r.outcomes[..], [Outcome::Snapshot(_, 3, Some(s))] if s.display_name == "c")
+        );
         // Entries the catalog already has are left out.
         let r = recover(vec![put(2, 1, 1, 1, "b")], 2);
         assert!(r.outcomes.is_empty());

@@ -571,6 +571,22 @@ fn live_locs(c: &Connection) -> rusqlite::Result<BTreeSet<Loc>> {
     Ok(out)
 }
 
+/// Some place that has records, if any.
+fn any_live_loc(c: &Connection) -> rusqlite::Result<Option<Loc>> {
+    let v: Option<String> = c
+        .query_row("SELECT volume_id FROM snapshots LIMIT 1", [], |r| r.get(0))
+        .optional()?;
+    if let Some(v) = v {
+        return Ok(Some(Loc::Chain(v)));
+    }
+    let v: Option<(String, bool)> = c
+        .query_row("SELECT id, made FROM volumes LIMIT 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    Ok(v.map(|(id, made)| if made { Loc::Made(id) } else { Loc::Chain(id) }))
+}
+
 fn notes_row(c: &Connection, loc: &Loc) -> rusqlite::Result<Option<(u64, u64)>> {
     c.prepare_cached("SELECT len, entries FROM notes WHERE file = ?1")?
         .query_row([loc.key()], |r| {
@@ -624,13 +640,76 @@ impl Writer {
         for (seq, volume, json) in &recs {
             text.push_str(&notes::put_line(*seq, committed, *volume, json));
         }
+        // The entries this replaces may have been the only proof that the
+        // last change committed.
+        text.push_str(&notes::mark_line(committed));
         let dir = self.dir(loc);
         dir.replace_atomically(&loc.file_name(), text.as_bytes())
             .map_err(|source| SqliteError::Notes {
                 path: dir.join(&loc.file_name()),
                 source,
             })?;
-        Ok((text.len() as u64, recs.len() as u64))
+        Ok((text.len() as u64, recs.len() as u64 + 1))
+    }
+
+    /// Append a mark (change `self.seq` is committed) to `loc`'s notes.
+    fn append_mark(&self, c: &Connection, loc: &Loc) -> Result<(), SqliteError> {
+        let dir = self.dir(loc);
+        let name = loc.file_name();
+        let notes_err = |source| SqliteError::Notes {
+            path: dir.join(&name),
+            source,
+        };
+        let line = notes::mark_line(self.seq);
+        let mut f = dir
+            .open_nofollow(&name, OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT)
+            .map_err(notes_err)?;
+        let pre = f.metadata().map_err(notes_err)?.len();
+        f.write_all(line.as_bytes()).map_err(notes_err)?;
+        f.sync_data().map_err(notes_err)?;
+        if pre == 0 {
+            dir.sync().map_err(notes_err)?;
+        }
+        if let Some((len, entries)) = notes_row(c, loc)? {
+            if len == pre {
+                set_notes_row(c, loc, pre + line.len() as u64, entries + 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove the notes files of places with no records left. First a mark
+    /// goes into a file that stays (`keep`, or any place with records), so
+    /// the entries removed never leave a committed change looking cut short.
+    fn retire(&self, c: &Connection, empty: &[Loc], keep: Option<Loc>) -> Result<(), SqliteError> {
+        let Some((last, rest)) = empty.split_last() else {
+            return Ok(());
+        };
+        let keep = match keep {
+            Some(k) => Some(k),
+            None => any_live_loc(c)?,
+        };
+        // With nothing left anywhere, the last file to go holds the mark
+        // until the others are gone.
+        self.append_mark(c, keep.as_ref().unwrap_or(last))?;
+        let remove = |loc: &Loc| -> Result<(), SqliteError> {
+            let dir = self.dir(loc);
+            dir.remove(&loc.file_name())
+                .and_then(|_| dir.sync())
+                .map_err(|source| SqliteError::Notes {
+                    path: dir.join(&loc.file_name()),
+                    source,
+                })?;
+            delete_notes_row(c, loc)?;
+            Ok(())
+        };
+        for loc in rest {
+            remove(loc)?;
+        }
+        if keep.as_ref() != Some(last) {
+            remove(last)?;
+        }
+        Ok(())
     }
 
     fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
@@ -682,10 +761,9 @@ impl Writer {
         // Tidy up: files of places without records go; files grown well
         // past their live records are compacted. Failures here lose
         // nothing (the catalog has it all; open repairs the notes).
-        for (loc, _) in &appended {
-            if let Err(e) = self.tidy(loc) {
-                tracing::warn!("{}", crate::util::error_chain(&e));
-            }
+        let touched: Vec<Loc> = appended.into_iter().map(|a| a.0).collect();
+        if let Err(e) = self.tidy(&touched) {
+            tracing::warn!("{}", crate::util::error_chain(&e));
         }
         Ok(())
     }
@@ -862,21 +940,26 @@ impl Writer {
         Ok(())
     }
 
-    fn tidy(&self, loc: &Loc) -> Result<(), SqliteError> {
-        let live = live_count(&self.conn, loc)?;
-        let dir = self.dir(loc);
-        if live == 0 {
-            dir.remove(&loc.file_name())
-                .map_err(|source| SqliteError::Notes {
-                    path: dir.join(&loc.file_name()),
-                    source,
-                })?;
-            return Ok(());
+    /// After a commit: remove the files of places the change emptied,
+    /// compact files grown well past their live records.
+    fn tidy(&self, touched: &[Loc]) -> Result<(), SqliteError> {
+        let mut empty = Vec::new();
+        let mut alive = Vec::new();
+        for loc in touched {
+            let live = live_count(&self.conn, loc)?;
+            if live == 0 {
+                empty.push(loc.clone());
+            } else {
+                alive.push((loc.clone(), live));
+            }
         }
-        if let Some((_, entries)) = notes_row(&self.conn, loc)? {
-            if entries > 2 * live + COMPACT_SLACK {
-                let (len, entries) = self.rewrite(&self.conn, loc, self.seq)?;
-                set_notes_row(&self.conn, loc, len, entries)?;
+        self.retire(&self.conn, &empty, alive.first().map(|a| a.0.clone()))?;
+        for (loc, live) in alive {
+            if let Some((_, entries)) = notes_row(&self.conn, &loc)? {
+                if entries > 2 * live + COMPACT_SLACK {
+                    let (len, entries) = self.rewrite(&self.conn, &loc, self.seq)?;
+                    set_notes_row(&self.conn, &loc, len, entries)?;
+                }
             }
         }
         Ok(())
@@ -1399,6 +1482,8 @@ fn sync_notes(
     let mut all: BTreeSet<Loc> = live.clone();
     all.extend(on_disk.iter().cloned());
     all.extend(rows.keys().filter_map(|k| loc_of_key(k)));
+    let mut rewritten = None;
+    let mut empty = Vec::new();
     for loc in &all {
         let key = loc.key();
         if live.contains(loc) {
@@ -1406,22 +1491,16 @@ fn sync_notes(
                 let (len, n) = w.rewrite(&tx, loc, w.seq)?;
                 set_notes_row(&tx, loc, len, n)?;
                 report.notes_rewritten += 1;
+                rewritten = Some(loc.clone());
             }
-        } else {
-            if on_disk.contains(loc) {
-                let dir = w.dir(loc);
-                dir.remove(&loc.file_name())
-                    .map_err(|source| SqliteError::Notes {
-                        path: dir.join(&loc.file_name()),
-                        source,
-                    })?;
-                report.notes_removed += 1;
-            }
-            if rows.contains_key(&key) {
-                delete_notes_row(&tx, loc)?;
-            }
+        } else if on_disk.contains(loc) {
+            empty.push(loc.clone());
+            report.notes_removed += 1;
+        } else if rows.contains_key(&key) {
+            delete_notes_row(&tx, loc)?;
         }
     }
+    w.retire(&tx, &empty, rewritten)?;
     tx.commit()?;
     for d in [&w.chains, &w.volumes] {
         d.sync().map_err(|source| SqliteError::Notes {
