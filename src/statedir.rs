@@ -28,8 +28,11 @@ use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 
-/// The subdirectories the daemon creates files in.
-pub const DAEMON_SUBDIRS: [&str; 4] = ["chains", "volumes", "freeze-intents", "damaged"];
+/// The subdirectories the daemon creates at start.
+pub const DAEMON_SUBDIRS: [&str; 3] = ["chains", "volumes", "freeze-intents"];
+/// Every subdirectory the daemon creates files in (`damaged/` only when it
+/// moves something aside).
+pub const CHECKED_SUBDIRS: [&str; 4] = ["chains", "volumes", "freeze-intents", "damaged"];
 
 /// Why a state directory cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -528,7 +531,7 @@ pub fn check(path: &Path) -> Result<CheckOutcome, StateDirError> {
     };
     check_canonical(path)?;
     check_own(path, &st)?;
-    for sub in DAEMON_SUBDIRS {
+    for sub in CHECKED_SUBDIRS {
         let p = path.join(sub);
         match std::fs::symlink_metadata(&p) {
             Ok(md) if md.file_type().is_symlink() => {

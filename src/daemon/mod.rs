@@ -35,6 +35,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    UnsafeStateDir(#[from] crate::statedir::StateDirError),
     #[error("another blocksnapd is running with state directory {path} (it holds {path}/blocksnapd.lock)")]
     AlreadyRunning { path: PathBuf },
     #[error(transparent)]
@@ -145,25 +147,17 @@ impl Daemon {
     /// catalog in line with the chain files.
     pub fn start(config: Config, sys: Arc<dyn System>) -> Result<Arc<Daemon>, StartError> {
         let state = config.state_dir.clone();
-        for d in [
-            &state,
-            &state.join("chains"),
-            &state.join("volumes"),
-            &state.join("freeze-intents"),
-        ] {
-            std::fs::create_dir_all(d).map_err(|source| StartError::StateDir {
-                path: d.clone(),
-                source,
-            })?;
+        // Owned by us, nobody else can write in it, no symlink followed.
+        let state_dir = crate::statedir::StateDir::open(&state)?;
+        for sub in crate::statedir::DAEMON_SUBDIRS {
+            state_dir.subdir(sub)?;
         }
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700));
         let lock_path = state.join("blocksnapd.lock");
-        let lock_file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
+        let lock_file = state_dir
+            .open_nofollow(
+                "blocksnapd.lock",
+                nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CREAT,
+            )
             .map_err(|source| StartError::StateDir {
                 path: lock_path.clone(),
                 source,

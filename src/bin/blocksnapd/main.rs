@@ -79,8 +79,21 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        // The state directory as the daemon would find it at start.
+        let state = match blocksnap::statedir::check(&config.state_dir) {
+            Ok(blocksnap::statedir::CheckOutcome::Ok) => "",
+            Ok(blocksnap::statedir::CheckOutcome::WouldCreate) => ", created at start",
+            Err(e) => {
+                eprintln!(
+                    "blocksnapd: error: {}: {}",
+                    args.config.display(),
+                    error_chain(&e)
+                );
+                return ExitCode::FAILURE;
+            }
+        };
         println!(
-            "{}: ok ({} volume(s), {} token(s), socket {}, state in {})",
+            "{}: ok ({} volume(s), {} token(s), socket {}, state in {}{state})",
             args.config.display(),
             config.volumes.len(),
             config.tokens.len(),
