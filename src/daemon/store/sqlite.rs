@@ -52,6 +52,13 @@ const SQLITE_FILES: [&str; 4] = [
 const COMPACT_SLACK: u64 = 16;
 /// Reader connections kept open between reads.
 const READER_POOL: usize = 8;
+/// The WAL is checkpointed (by a background thread, never in `apply`)
+/// after this many commits.
+const CHECKPOINT_EVERY: u64 = 64;
+/// The planner's statistics are refreshed (`PRAGMA optimize`, in the
+/// background) after this many commits: which index serves a list depends
+/// on how many records each tenant and volume has.
+const OPTIMIZE_EVERY: u64 = 4096;
 
 /// Schema migrations: `MIGRATIONS[i]` takes the schema from version `i` to
 /// `i + 1`. Only ever append.
@@ -78,6 +85,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX snapshots_volume ON snapshots(volume_id, created_us);
     CREATE INDEX snapshots_tenant ON snapshots(tenant, created_us);
     CREATE INDEX snapshots_created ON snapshots(created_us, id);
+    CREATE INDEX snapshots_created_desc ON snapshots(created_us DESC, id);
     CREATE INDEX snapshots_updated ON snapshots(updated_us, id);
     CREATE INDEX snapshots_name ON snapshots(name, id);
     CREATE INDEX snapshots_status ON snapshots(status, created_us);
@@ -96,6 +104,7 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX volumes_tenant ON volumes(tenant, created_us);
     CREATE INDEX volumes_created ON volumes(created_us, id);
+    CREATE INDEX volumes_created_desc ON volumes(created_us DESC, id);
     CREATE TABLE notes (
         file TEXT PRIMARY KEY NOT NULL,
         len INTEGER NOT NULL,
@@ -163,6 +172,8 @@ pub enum SqliteError {
     },
     #[error(transparent)]
     StateDir(#[from] StateDirError),
+    #[error("cannot start the catalog's background thread")]
+    Thread(#[source] std::io::Error),
     #[error("a catalog record cannot be read back")]
     Json(#[from] serde_json::Error),
     #[error("volume id {0:?} cannot be kept: it is not a valid volume id (letters, digits, '.', '-', '_', at most 64)")]
@@ -316,6 +327,51 @@ pub struct SqliteStore {
     db_path: PathBuf,
     writer: Mutex<Writer>,
     readers: Mutex<Vec<Connection>>,
+    /// Wakes the background thread that checkpoints the WAL.
+    background: Option<(
+        std::sync::mpsc::SyncSender<Chore>,
+        std::thread::JoinHandle<()>,
+    )>,
+}
+
+/// Work for the background thread.
+#[derive(Clone, Copy, Debug)]
+enum Chore {
+    Checkpoint,
+    Optimize,
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        if let Some((tx, handle)) = self.background.take() {
+            // Close the channel (the writer holds the other sender).
+            lock(&self.writer).chores = None;
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The background thread: checkpoints and statistics off the apply path.
+fn background(path: PathBuf, rx: std::sync::mpsc::Receiver<Chore>) {
+    let conn = match open_conn(&path, false) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(
+                "cannot open the catalog for checkpoints: {e}; SQLite's own checkpoints take over"
+            );
+            return;
+        }
+    };
+    while let Ok(chore) = rx.recv() {
+        let r = match chore {
+            Chore::Checkpoint => conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())),
+            Chore::Optimize => conn.execute_batch("PRAGMA optimize"),
+        };
+        if let Err(e) = r {
+            tracing::warn!("catalog {chore:?} failed: {e}");
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -330,6 +386,9 @@ struct Writer {
     conn: Connection,
     /// The last committed change.
     seq: u64,
+    /// Changes committed since the store was opened.
+    commits: u64,
+    chores: Option<std::sync::mpsc::SyncSender<Chore>>,
     chains: StateDir,
     volumes: StateDir,
     poisoned: Option<PathBuf>,
@@ -628,13 +687,8 @@ impl Writer {
         }
     }
 
-    /// Rewrite a notes file from the catalog as `c` sees it; returns (len, entries).
-    fn rewrite(
-        &self,
-        c: &Connection,
-        loc: &Loc,
-        committed: u64,
-    ) -> Result<(u64, u64), SqliteError> {
+    /// A notes file's text from the catalog as `c` sees it, and its entries.
+    fn notes_text(c: &Connection, loc: &Loc, committed: u64) -> Result<(String, u64), SqliteError> {
         let recs = records_at(c, loc)?;
         let mut text = String::new();
         for (seq, volume, json) in &recs {
@@ -643,13 +697,80 @@ impl Writer {
         // The entries this replaces may have been the only proof that the
         // last change committed.
         text.push_str(&notes::mark_line(committed));
+        Ok((text, recs.len() as u64 + 1))
+    }
+
+    /// Rewrite a notes file from the catalog as `c` sees it; returns (len, entries).
+    fn rewrite(
+        &self,
+        c: &Connection,
+        loc: &Loc,
+        committed: u64,
+    ) -> Result<(u64, u64), SqliteError> {
+        let (text, n) = Self::notes_text(c, loc, committed)?;
         let dir = self.dir(loc);
         dir.replace_atomically(&loc.file_name(), text.as_bytes())
             .map_err(|source| SqliteError::Notes {
                 path: dir.join(&loc.file_name()),
                 source,
             })?;
-        Ok((text.len() as u64, recs.len() as u64 + 1))
+        Ok((text.len() as u64, n))
+    }
+
+    /// Rewrite many notes files at once (at open): every temporary file
+    /// written, one `syncfs` instead of an fsync each, then the renames and
+    /// one fsync per directory. Returns (loc, len, entries) of each.
+    fn rewrite_many(
+        &self,
+        c: &Connection,
+        locs: &[Loc],
+        committed: u64,
+    ) -> Result<Vec<(Loc, u64, u64)>, SqliteError> {
+        let mut temps: Vec<(Loc, String, u64, u64)> = Vec::new();
+        let r = (|| -> Result<(), SqliteError> {
+            for loc in locs {
+                let (text, n) = Self::notes_text(c, loc, committed)?;
+                let dir = self.dir(loc);
+                let notes_err = |source| SqliteError::Notes {
+                    path: dir.join(&loc.file_name()),
+                    source,
+                };
+                let (tmp, mut f) = dir.create_temp(&loc.file_name()).map_err(notes_err)?;
+                temps.push((loc.clone(), tmp, text.len() as u64, n));
+                f.write_all(text.as_bytes()).map_err(notes_err)?;
+            }
+            for d in [&self.chains, &self.volumes] {
+                nix::unistd::syncfs(d).map_err(|e| SqliteError::Notes {
+                    path: d.path().to_path_buf(),
+                    source: std::io::Error::from_raw_os_error(e as i32),
+                })?;
+            }
+            for (loc, tmp, _, _) in &temps {
+                let dir = self.dir(loc);
+                dir.rename(tmp, &loc.file_name())
+                    .map_err(|source| SqliteError::Notes {
+                        path: dir.join(&loc.file_name()),
+                        source,
+                    })?;
+            }
+            for d in [&self.chains, &self.volumes] {
+                d.sync().map_err(|source| SqliteError::Notes {
+                    path: d.path().to_path_buf(),
+                    source,
+                })?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            for (loc, tmp, _, _) in &temps {
+                let _ = self.dir(loc).remove(tmp);
+            }
+            return Err(e);
+        }
+        Ok(temps
+            .into_iter()
+            .map(|(loc, _, len, n)| (loc, len, n))
+            .collect())
     }
 
     /// Append a mark (change `self.seq` is committed) to `loc`'s notes.
@@ -758,6 +879,16 @@ impl Writer {
             return Err(werr(e));
         }
         self.seq = seq;
+        self.commits += 1;
+        if let Some(tx) = &self.chores {
+            // A full queue means the chore is pending anyway.
+            if self.commits % CHECKPOINT_EVERY == 0 {
+                let _ = tx.try_send(Chore::Checkpoint);
+            }
+            if self.commits % OPTIMIZE_EVERY == 0 {
+                let _ = tx.try_send(Chore::Optimize);
+            }
+        }
         // Tidy up: files of places without records go; files grown well
         // past their live records are compacted. Failures here lose
         // nothing (the catalog has it all; open repairs the notes).
@@ -1116,6 +1247,8 @@ impl SqliteStore {
         let mut w = Writer {
             conn,
             seq,
+            commits: 0,
+            chores: None,
             chains,
             volumes,
             poisoned: None,
@@ -1137,11 +1270,27 @@ impl SqliteStore {
         };
         report.snapshots = count("snapshots")?;
         report.volumes = count("volumes")?;
+        // Statistics for the planner (a no-op when they are current), and
+        // checkpoints from now on in the background.
+        w.conn
+            .execute_batch("PRAGMA optimize = 0x10002;")
+            .map_err(|e| open_err(e.into()))?;
+        w.conn
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(|e| open_err(e.into()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(2);
+        let path = db_path.clone();
+        let handle = std::thread::Builder::new()
+            .name("catalog-checkpoint".into())
+            .spawn(move || background(path, rx))
+            .map_err(|e| open_err(SqliteError::Thread(e)))?;
+        w.chores = Some(tx.clone());
         Ok((
             SqliteStore {
                 db_path: db_path.clone(),
                 writer: Mutex::new(w),
                 readers: Mutex::new(Vec::new()),
+                background: Some((tx, handle)),
             },
             report,
         ))
@@ -1482,16 +1631,13 @@ fn sync_notes(
     let mut all: BTreeSet<Loc> = live.clone();
     all.extend(on_disk.iter().cloned());
     all.extend(rows.keys().filter_map(|k| loc_of_key(k)));
-    let mut rewritten = None;
+    let mut to_rewrite = Vec::new();
     let mut empty = Vec::new();
     for loc in &all {
         let key = loc.key();
         if live.contains(loc) {
             if force || stale.contains(loc) || !on_disk.contains(loc) || !rows.contains_key(&key) {
-                let (len, n) = w.rewrite(&tx, loc, w.seq)?;
-                set_notes_row(&tx, loc, len, n)?;
-                report.notes_rewritten += 1;
-                rewritten = Some(loc.clone());
+                to_rewrite.push(loc.clone());
             }
         } else if on_disk.contains(loc) {
             empty.push(loc.clone());
@@ -1500,6 +1646,11 @@ fn sync_notes(
             delete_notes_row(&tx, loc)?;
         }
     }
+    for (loc, len, n) in w.rewrite_many(&tx, &to_rewrite, w.seq)? {
+        set_notes_row(&tx, &loc, len, n)?;
+        report.notes_rewritten += 1;
+    }
+    let rewritten = to_rewrite.first().cloned();
     w.retire(&tx, &empty, rewritten)?;
     tx.commit()?;
     for d in [&w.chains, &w.volumes] {
@@ -1593,6 +1744,14 @@ fn list(
             ors.push(format!("({})", ands.join(" AND ")));
         }
         wh.push(format!("({})", ors.join(" OR ")));
+        // The same bound on the first key alone, so an index on it can
+        // start at the marker instead of filtering from the first row.
+        let op = match cols[0].1 {
+            SortDir::Asc => ">=",
+            SortDir::Desc => "<=",
+        };
+        wh.push(format!("{} {op} ?", cols[0].0));
+        vals.push(at[0].clone());
     }
     let order: Vec<String> = cols
         .iter()
