@@ -258,6 +258,16 @@ impl OpenReport {
         matches!(self.from, OpenedFrom::Notes { .. })
     }
 
+    /// Log the report: a warning when anything was repaired, moved or
+    /// replayed, otherwise an info line.
+    pub fn log(&self) {
+        if self.eventful() {
+            tracing::warn!("{self}");
+        } else {
+            tracing::info!("{self}");
+        }
+    }
+
     /// Whether anything happened an operator should hear about (log it as a warning).
     pub fn eventful(&self) -> bool {
         !matches!(self.from, OpenedFrom::Catalog | OpenedFrom::New)
@@ -1294,6 +1304,16 @@ impl SqliteStore {
             },
             report,
         ))
+    }
+
+    /// [`SqliteStore::open`] on the state directory at `state_dir`, checked
+    /// with [`StateDir::open`] first (what `Daemon::start` wants).
+    pub fn open_path(state_dir: &Path) -> Result<(SqliteStore, OpenReport), StoreError> {
+        let state = StateDir::open(state_dir).map_err(|e| StoreError::Open {
+            path: state_dir.join(DB_NAME),
+            source: Box::new(e),
+        })?;
+        SqliteStore::open(&state)
     }
 
     /// The catalog database's path.
