@@ -501,6 +501,46 @@ fn kill_9_during_applies_loses_no_answered_change() {
     assert_eq!(all_volumes(&s), vols);
 }
 
+// ---- concurrency ----
+
+#[test]
+fn concurrent_writers_and_readers_see_every_answered_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (s, _) = open(&state);
+    let s = std::sync::Arc::new(s);
+    let writers: Vec<_> = (0..8u128)
+        .map(|w| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut r = crash_snapshot(w + 1);
+                for k in 0..25 {
+                    r.display_name = format!("w{w}-{k}");
+                    r.metadata.insert(format!("k{k}"), format!("{w}"));
+                    s.apply(&[Change::PutSnapshot(r.clone())]).unwrap();
+                    // Read your write, from any connection.
+                    assert_eq!(s.snapshot(r.id).unwrap().as_ref(), Some(&r));
+                    let q = SnapshotQuery {
+                        volume_id: Some(r.volume_id.clone()),
+                        ..Default::default()
+                    };
+                    assert!(s.snapshots(&q).unwrap().contains(&r));
+                }
+                r
+            })
+        })
+        .collect();
+    let last: Vec<SnapshotRecord> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    let mut want = last.clone();
+    want.sort_by_key(|r| r.id);
+    assert_eq!(sorted(&*s).0, want);
+    drop(s);
+    lose_catalog(&state);
+    let (s, r) = open(&state);
+    assert!(r.rebuilt(), "{r}");
+    assert_eq!(sorted(&s).0, want);
+}
+
 // ---- migration, loss, damage ----
 
 fn fixture() -> Catalog {
