@@ -625,7 +625,8 @@ fn live_count(c: &Connection, loc: &Loc) -> rusqlite::Result<u64> {
     Ok(n as u64)
 }
 
-/// Every place that has records.
+/// Every place that has records (and can have a notes file: a record
+/// migrated with an id that cannot name a file is kept only in the catalog).
 fn live_locs(c: &Connection) -> rusqlite::Result<BTreeSet<Loc>> {
     let mut out = BTreeSet::new();
     let mut st = c.prepare("SELECT DISTINCT volume_id FROM snapshots")?;
@@ -637,23 +638,13 @@ fn live_locs(c: &Connection) -> rusqlite::Result<BTreeSet<Loc>> {
         let (id, made) = r?;
         out.insert(if made { Loc::Made(id) } else { Loc::Chain(id) });
     }
+    out.retain(|l| valid_id(l.id()));
     Ok(out)
 }
 
 /// Some place that has records, if any.
 fn any_live_loc(c: &Connection) -> rusqlite::Result<Option<Loc>> {
-    let v: Option<String> = c
-        .query_row("SELECT volume_id FROM snapshots LIMIT 1", [], |r| r.get(0))
-        .optional()?;
-    if let Some(v) = v {
-        return Ok(Some(Loc::Chain(v)));
-    }
-    let v: Option<(String, bool)> = c
-        .query_row("SELECT id, made FROM volumes LIMIT 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
-    Ok(v.map(|(id, made)| if made { Loc::Made(id) } else { Loc::Chain(id) }))
+    Ok(live_locs(c)?.into_iter().next())
 }
 
 fn notes_row(c: &Connection, loc: &Loc) -> rusqlite::Result<Option<(u64, u64)>> {
@@ -992,6 +983,8 @@ impl Writer {
                 }
             }
         }
+        // Records migrated with an id that cannot name a file have no notes.
+        per_loc.retain(|l, _| valid_id(l.id()));
         // A notes file that is not what the catalog last recorded (lost,
         // damaged, replaced) is first rewritten from the catalog.
         let mut entries_before = BTreeMap::new();
@@ -2141,6 +2134,29 @@ mod tests {
         assert_eq!(r.from, OpenedFrom::Catalog);
         assert!(r.replayed >= 3, "{r}");
         assert_eq!(t.names(&s), ["b2", "vol:a", "vol:b"]);
+    }
+
+    #[test]
+    fn a_migrated_id_that_cannot_name_a_file_stays_in_the_catalog_only() {
+        let t = T::new();
+        std::fs::create_dir_all(&t.path).unwrap();
+        let mut cat = Catalog::default();
+        let odd = snap(1, "bad id/..", "odd");
+        let fine = snap(2, "v", "fine");
+        cat.snapshots.insert(odd.id, odd.clone());
+        cat.snapshots.insert(fine.id, fine);
+        std::fs::write(t.path.join(JSON_NAME), serde_json::to_vec(&cat).unwrap()).unwrap();
+        let (s, r) = t.open();
+        assert!(r.migrated(), "{r}");
+        assert!(r.warnings.iter().any(|w| w.contains("bad id")), "{r}");
+        assert_eq!(t.names(&s), ["fine", "odd"]);
+        // It can still be changed and removed; new records with such ids are refused.
+        s.apply(&[Change::RemoveSnapshot(odd.id)]).unwrap();
+        assert!(s.apply(&[Change::PutSnapshot(odd)]).is_err());
+        drop(s);
+        let (s, r) = t.open();
+        assert_eq!(r.from, OpenedFrom::Catalog, "{r}");
+        assert_eq!(t.names(&s), ["fine"]);
     }
 
     #[test]
