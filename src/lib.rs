@@ -23,4 +23,5 @@ pub mod revert;
 pub mod sigbus;
 pub mod sys;
 pub mod take;
+pub mod track;
 pub mod util;
