@@ -525,6 +525,8 @@ impl Daemon {
             progress: Some(progress),
             cancel: Some(self.shutdown.clone()),
             tuning: Default::default(),
+            tracking: Default::default(),
+            verify_every: 0,
         };
         let result = take::take(
             self.sys.clone(),

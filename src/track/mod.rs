@@ -10,7 +10,7 @@
 //!
 //! The tracker may over-report, never under-report silently: lost records,
 //! undecodable rings, a changed CPU set, a resized or replaced device, and a
-//! restart each break continuity ([`Continuity::Broken`]), and the next take
+//! restart each break continuity ([`Continuity::Gap`]), and the next take
 //! is a full diff. See docs/TRACKING.md for why this is enough and what the
 //! tracker cannot see.
 
@@ -132,8 +132,10 @@ fn probe(path: &Path) -> Result<Watch, String> {
 pub enum Continuity {
     /// Every write since snapshot `0` was seen.
     Since(Uuid),
-    /// Why not: the next snapshot is a full diff.
-    Broken(String),
+    /// No snapshot was committed since tracking of the volume began.
+    NoSnapshotYet,
+    /// Tracking had a gap (why): the next snapshot is a full diff.
+    Gap(String),
 }
 
 #[derive(Debug)]
@@ -400,12 +402,10 @@ impl Registry {
         let continuity = match (v.gap.take(), v.baseline) {
             (Some(g), _) => {
                 v.baseline = None;
-                Continuity::Broken(g)
+                Continuity::Gap(g)
             }
             (None, Some(b)) => Continuity::Since(b),
-            (None, None) => Continuity::Broken(
-                "no snapshot was taken since tracking of this volume began".to_string(),
-            ),
+            (None, None) => Continuity::NoSnapshotYet,
         };
         let fresh = v.fresh();
         let d0 = std::mem::replace(&mut v.dirty, fresh);
@@ -483,6 +483,12 @@ impl Session {
         let d = std::mem::replace(&mut v.dirty, fresh);
         self.cuts.union(&d);
         Ok(d)
+    }
+
+    /// Whether tracking reported any unit of `[first, first + n)` written
+    /// since the previous snapshot (before or during this session).
+    pub fn reported(&self, first: u64, n: u64) -> bool {
+        (first..first + n).any(|u| self.d0.contains(u) || self.cuts.contains(u))
     }
 
     /// Inject lost records (tests of the gap handling): the same as the
