@@ -302,7 +302,7 @@ pub fn take(
     match (&untracked, reason) {
         (_, FullReason::None) => {}
         (Some(why), _) if newest.is_some() => {
-            tracing::info!(device = %device.display(), "reading the whole device: {why}")
+            tracing::debug!(device = %device.display(), "reading the whole device: {why}")
         }
         (_, FullReason::Gap) => {
             if let Some(Continuity::Gap(why)) = session.as_ref().map(|s| s.continuity()) {
@@ -416,6 +416,10 @@ pub fn take(
         crate::fault::point("after-freeze");
         Some(h)
     };
+    let mut quiesce_desc = held
+        .as_ref()
+        .map(|h| h.description().to_string())
+        .unwrap_or_default();
 
     let mut scanned = (|| -> Result<(PrintFile, u64), TakeError> {
         let dev = Device::open(device, held.as_ref().is_some_and(|h| h.exclusive()))?;
@@ -541,12 +545,9 @@ pub fn take(
                 record.rounds += 1;
             }
             record.live_us = live_started.elapsed().as_micros() as u64;
-            held = Some(quiesce::quiesce(
-                sys.clone(),
-                device,
-                &qopts,
-                cancel.own.clone(),
-            )?);
+            let h = quiesce::quiesce(sys.clone(), device, &qopts, cancel.own.clone())?;
+            quiesce_desc = h.description().to_string();
+            held = Some(h);
             crate::fault::point("after-freeze");
         } else {
             record.quiesced_blocks = first_blocks;
@@ -670,7 +671,7 @@ pub fn take(
         stored_bytes: info.len,
         freeze,
         duration: started.elapsed(),
-        quiesce: describe_quiesce(&record),
+        quiesce: format!("{quiesce_desc}; {}", describe_quiesce(&record)),
         record,
     })
 }

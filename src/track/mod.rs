@@ -491,13 +491,6 @@ impl Session {
         (first..first + n).any(|u| self.d0.contains(u) || self.cuts.contains(u))
     }
 
-    /// Inject lost records (tests of the gap handling): the same as the
-    /// kernel reporting dropped records for this volume.
-    pub fn inject_gap(&self, why: &str) {
-        let mut s = self.inner.lock();
-        s.vols[self.idx].gap = Some(why.to_string());
-    }
-
     /// The take committed `snapshot`: from the last cut on, the dirty set
     /// counts from it.
     pub fn commit(mut self, snapshot: Uuid) {
