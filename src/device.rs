@@ -477,6 +477,10 @@ impl DirectReader {
         self.cap
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn is_direct(&self) -> bool {
         self.direct
     }

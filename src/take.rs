@@ -179,8 +179,9 @@ pub struct TakeOutcome {
 /// last one, once a round no longer shrinks the set, or after MAX_ROUNDS.
 const SETTLED_BLOCKS: usize = 64;
 const MAX_ROUNDS: u32 = 8;
-/// Largest single read of written blocks.
-const DIRECT_READ: usize = 4 << 20;
+/// Largest single read of written blocks, and readers kept busy at once.
+const DIRECT_READ: usize = 1 << 20;
+const DIRECT_READERS: usize = 4;
 /// Verification remembers at most this many unreported changed blocks.
 const MAX_CANDIDATES: usize = 1 << 20;
 
@@ -485,7 +486,9 @@ pub fn take(
             },
         };
         let per_unit = (bs / crate::track::UNIT).max(1);
-        let mut reader = DirectReader::open(device, DIRECT_READ)?;
+        let mut readers = (0..DIRECT_READERS)
+            .map(|_| DirectReader::open(device, DIRECT_READ))
+            .collect::<Result<Vec<_>, _>>()?;
         let live_started = Instant::now();
         let mut candidates: Vec<u64> = Vec::new();
         let mut candidates_dropped = 0u64;
@@ -495,7 +498,7 @@ pub fn take(
                 let s = session.as_ref().expect("tracked takes have a session");
                 let blocks = s.since_previous().blocks(bs, nblocks);
                 record.tracked_blocks = blocks.len() as u64;
-                pass.dirty(&mut reader, &blocks)?
+                pass.dirty(&mut readers, &blocks)?
             }
             TakeMethod::Verified => {
                 let s = session.as_ref().expect("verified takes have a session");
@@ -541,7 +544,7 @@ pub fn take(
                     break;
                 }
                 last = blocks.len();
-                record.live_blocks += pass.dirty(&mut reader, &blocks)?;
+                record.live_blocks += pass.dirty(&mut readers, &blocks)?;
                 record.rounds += 1;
             }
             record.live_us = live_started.elapsed().as_micros() as u64;
@@ -566,7 +569,7 @@ pub fn take(
                         blocks.extend_from_slice(&pending);
                         blocks.sort_unstable();
                         blocks.dedup();
-                        record.quiesced_blocks += pass.dirty(&mut reader, &blocks)?;
+                        record.quiesced_blocks += pass.dirty(&mut readers, &blocks)?;
                     }
                     Ok(_) => gap_during = Some("too many blocks were written to track".into()),
                     Err(why) => gap_during = Some(why),
@@ -864,49 +867,78 @@ impl Pass<'_, '_> {
     }
 
     /// Read `blocks` (ascending) straight from the device and compare them.
-    /// Returns the blocks read.
-    fn dirty(&mut self, reader: &mut DirectReader, blocks: &[u64]) -> Result<u64, TakeError> {
+    /// Several readers keep requests in flight (a device answers a queue of
+    /// small reads much faster than one at a time); their results are
+    /// processed in block order. Returns the blocks read.
+    fn dirty(&mut self, readers: &mut [DirectReader], blocks: &[u64]) -> Result<u64, TakeError> {
         let bs = self.bs;
-        let max_run = (reader.capacity() as u64 / bs).max(1);
-        let mut i = 0;
-        while i < blocks.len() {
-            if self.cancel.is_set() {
-                return Err(TakeError::Cancelled);
+        let size = self.size;
+        let max_run = (readers[0].capacity() as u64 / bs).max(1);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &b in blocks {
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == b && *n < max_run => *n += 1,
+                _ => runs.push((b, 1)),
             }
-            let first = blocks[i];
-            let mut n = 1u64;
-            while i + (n as usize) < blocks.len()
-                && blocks[i + n as usize] == first + n
-                && n < max_run
-            {
-                n += 1;
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let cancel = self.cancel;
+        let done = std::thread::scope(|s| -> Result<usize, TakeError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Result<Vec<u8>, DeviceError>)>(
+                readers.len() * 2,
+            );
+            for r in readers.iter_mut() {
+                let (tx, runs, next) = (tx.clone(), &runs, &next);
+                s.spawn(move || loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= runs.len() || cancel.is_set() {
+                        break;
+                    }
+                    let (first, n) = runs[i];
+                    let len = ((first + n) * bs).min(size) - first * bs;
+                    let path = r.path().to_path_buf();
+                    let res = r.read(first * bs, len as usize).and_then(|d| {
+                        if d.len() as u64 == len {
+                            Ok(d.to_vec())
+                        } else {
+                            Err(DeviceError::Read {
+                                path,
+                                offset: first * bs + d.len() as u64,
+                                source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                            })
+                        }
+                    });
+                    if tx.send((i, res)).is_err() {
+                        break;
+                    }
+                });
             }
-            let len = ((first + n) * bs).min(self.size) - first * bs;
-            let data = reader.read(first * bs, len as usize)?;
-            if data.len() as u64 != len {
-                return Err(DeviceError::Read {
-                    path: PathBuf::from(self.writer_path_hint()),
-                    offset: first * bs + data.len() as u64,
-                    source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            drop(tx);
+            let mut waiting = BTreeMap::new();
+            let mut want = 0usize;
+            for (i, res) in rx.iter() {
+                waiting.insert(i, res);
+                while let Some(res) = waiting.remove(&want) {
+                    let data = res?;
+                    let (first, n) = runs[want];
+                    for k in 0..n {
+                        let b = first + k;
+                        let blen = self.block_len(b);
+                        let block = &data[(k * bs) as usize..(k * bs) as usize + blen];
+                        let p = fingerprint(block, self.seed);
+                        self.consider(b, block, p)?;
+                    }
+                    self.stage_flush()?;
+                    self.prints.release_if_busy();
+                    want += 1;
                 }
-                .into());
             }
-            let data = data.to_vec();
-            for k in 0..n {
-                let b = first + k;
-                let blen = self.block_len(b);
-                let block = &data[(k * bs) as usize..(k * bs) as usize + blen];
-                let p = fingerprint(block, self.seed);
-                self.consider(b, block, p)?;
-            }
-            self.stage_flush()?;
-            self.prints.release_if_busy();
-            i += n as usize;
+            Ok(want)
+        })?;
+        if done != runs.len() {
+            return Err(TakeError::Cancelled);
         }
         Ok(blocks.len() as u64)
     }
 
-    fn writer_path_hint(&self) -> &'static str {
-        "the device"
-    }
 }
