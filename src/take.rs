@@ -940,5 +940,4 @@ impl Pass<'_, '_> {
         }
         Ok(blocks.len() as u64)
     }
-
 }

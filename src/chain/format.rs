@@ -529,6 +529,7 @@ pub const COMMIT_LEN: usize = 512;
 
 /// What the first sector of a segment says.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // decoded once per segment on open; boxing buys nothing
 pub enum Commit {
     /// A valid commit record.
     Valid {

@@ -11,10 +11,13 @@ use uuid::Uuid;
 use crate::chain::format::TakeRecord;
 use crate::chain::{Access, Chain};
 
+/// A chain's take records, and the chain's length when they were read.
+type Cached = (u64, HashMap<Uuid, TakeRecord>);
+
 /// Take records by chain file.
 #[derive(Debug, Default)]
 pub struct TakeRecords {
-    cache: Mutex<HashMap<std::path::PathBuf, (u64, HashMap<Uuid, TakeRecord>)>>,
+    cache: Mutex<HashMap<std::path::PathBuf, Cached>>,
 }
 
 impl TakeRecords {
