@@ -486,9 +486,14 @@ pub fn take(
             },
         };
         let per_unit = (bs / crate::track::UNIT).max(1);
-        let mut readers = (0..DIRECT_READERS)
-            .map(|_| DirectReader::open(device, DIRECT_READ))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Readers of written blocks, needed only with tracking.
+        let mut readers = if session.is_some() {
+            (0..DIRECT_READERS)
+                .map(|_| DirectReader::open(device, DIRECT_READ))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            Vec::new()
+        };
         let live_started = Instant::now();
         let mut candidates: Vec<u64> = Vec::new();
         let mut candidates_dropped = 0u64;
@@ -850,8 +855,12 @@ impl Pass<'_, '_> {
                         changed(b);
                     }
                 }
-                // The staged copy is private; the window can go.
                 map.check()?;
+                // Store what is staged now, so its fingerprints are set
+                // before this window's part of the map is released (a later
+                // flush would fault those pages in again, one per window,
+                // for the rest of the take).
+                self.stage_flush()?;
                 self.prints.release(b0, b1);
                 if let Some(p) = self.progress {
                     p.done.store(off + len as u64, Ordering::Relaxed);

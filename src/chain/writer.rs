@@ -388,3 +388,74 @@ impl Drop for SegmentWriter<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::Origin;
+
+    /// Blocks defined again or out of order (a take's later rounds) win over
+    /// the in-order appends, and every block is defined once.
+    #[test]
+    fn later_definitions_override_earlier_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        let mut chain = Chain::open_or_create(&path, None).unwrap();
+        let id = Uuid::new_v4();
+        let plan = SegmentPlan {
+            kind: SegmentKind::Snapshot,
+            snapshot_id: id,
+            seq: 1,
+            device_size: 30 * 4096,
+            full: true,
+            meta: SegMeta::default(),
+            removes: Vec::new(),
+        };
+        let block = |v: u8| vec![v; 4096];
+        let mut w = SegmentWriter::begin(&mut chain, plan).unwrap();
+        let mut data = Vec::new();
+        for v in 0..5u8 {
+            data.extend(block(v + 1));
+        }
+        w.append_data(0, &data, &[1, 2, 3, 4, 5]).unwrap();
+        w.append_zero(5, 25);
+        // Round two: block 2 changed, block 3 became zero, block 7 (inside
+        // the zero run) got data.
+        w.append_data(2, &block(33), &[33]).unwrap();
+        w.append_zero(3, 1);
+        w.append_data(7, &block(77), &[77]).unwrap();
+        // Round three: block 2 again.
+        w.append_data(2, &block(99), &[99]).unwrap();
+        let (all, zero) = w.defined_bytes();
+        assert_eq!(all, 30 * 4096);
+        // 5..30 zero, less block 7 (data), plus block 3.
+        assert_eq!(zero, 25 * 4096);
+        w.commit(SegStats::default()).unwrap();
+        let plan = chain.resolve(id).unwrap();
+        let prints = plan.fingerprints(chain.seed());
+        assert_eq!(&prints[..3], &[1, 2, 99]);
+        assert_eq!(prints[4], 5);
+        assert_eq!(prints[7], 77);
+        let mut covered = 0;
+        for r in &plan.runs {
+            covered += r.count;
+            if r.block <= 3 && 3 < r.block + r.count {
+                assert_eq!(r.source, Origin::Zero);
+            }
+        }
+        assert_eq!(covered, 30);
+        // The data of block 2 is round three's.
+        let r = plan
+            .runs
+            .iter()
+            .find(|r| r.block <= 2 && 2 < r.block + r.count)
+            .unwrap();
+        let Origin::Data { offset, .. } = r.source else {
+            panic!("block 2 is not data")
+        };
+        let mut b = vec![0u8; 4096];
+        let at = offset + (2 - r.block) * 4096;
+        sys::pread_full(chain.file().as_fd(), &mut b, at).unwrap();
+        assert_eq!(b, block(99));
+    }
+}
