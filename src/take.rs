@@ -253,6 +253,9 @@ pub fn take(
     let local_registry;
     let session = match &opts.tracking {
         Tracking::Off => Err("write tracking is off".to_string()),
+        Tracking::SingleRun if !dev_identity.is_block() => {
+            Err("an image file's writes cannot be traced".to_string())
+        }
         Tracking::SingleRun => {
             local_registry = crate::track::Registry::start(
                 &[crate::track::Target {

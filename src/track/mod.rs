@@ -342,7 +342,9 @@ impl Registry {
             }
             u => u,
         };
-        if let Some(u) = &unavailable {
+        if devs.is_empty() {
+            // Nothing to track: each volume already said why above.
+        } else if let Some(u) = &unavailable {
             tracing::warn!("write tracking is unavailable: {u}; snapshots scan whole devices and keep filesystems frozen for the whole scan, as without tracking");
         }
         Registry {
