@@ -487,6 +487,7 @@ pub fn take(
                 data: Vec::with_capacity(STAGE_MAX),
                 prints: Vec::new(),
             },
+            mid_scan: !precopy,
         };
         let per_unit = (bs / crate::track::UNIT).max(1);
         // Readers of written blocks, needed only with tracking.
@@ -523,7 +524,6 @@ pub fn take(
             }
             TakeMethod::FullScan => pass.full(&dev, |_| {})?,
         };
-        crate::fault::point("mid-scan");
         let mut gap_during: Option<String> = None;
         let mut pending: Vec<u64> = Vec::new();
         if precopy {
@@ -560,6 +560,7 @@ pub fn take(
             quiesce_desc = h.description().to_string();
             held = Some(h);
             crate::fault::point("after-freeze");
+            pass.mid_scan = true;
         } else {
             record.quiesced_blocks = first_blocks;
         }
@@ -592,6 +593,8 @@ pub fn take(
                 reason = FullReason::GapDuringTake;
             }
         }
+        // Quiesced passes may have read nothing: the point is still passed.
+        pass.mid_point();
         if method == TakeMethod::Verified {
             let unmarked: Vec<u64> = candidates
                 .into_iter()
@@ -787,9 +790,18 @@ struct Pass<'a, 'c> {
     progress: Option<&'a Progress>,
     tuning: &'a Tuning,
     stage: Stage,
+    /// Fire the "mid-scan" fault point halfway through the next pass (the
+    /// first one that runs while the volume is quiesced).
+    mid_scan: bool,
 }
 
 impl Pass<'_, '_> {
+    fn mid_point(&mut self) {
+        if std::mem::take(&mut self.mid_scan) {
+            crate::fault::point("mid-scan");
+        }
+    }
+
     fn block_len(&self, b: u64) -> usize {
         (self.size - b * self.bs).min(self.bs) as usize
     }
@@ -868,6 +880,9 @@ impl Pass<'_, '_> {
                 if let Some(p) = self.progress {
                     p.done.store(off + len as u64, Ordering::Relaxed);
                 }
+                if off + len as u64 >= size / 2 {
+                    self.mid_point();
+                }
                 Ok(())
             },
         )?;
@@ -943,6 +958,9 @@ impl Pass<'_, '_> {
                     self.stage_flush()?;
                     self.prints.release_if_busy();
                     want += 1;
+                    if want * 2 >= runs.len() {
+                        self.mid_point();
+                    }
                 }
             }
             Ok(want)
