@@ -7,7 +7,7 @@
 //! one require knowing the seed, which lives only in the chain file.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
@@ -88,10 +88,9 @@ const MAP_MAGIC: &[u8; 8] = b"BSNPFPM2";
 const MAP_HEADER: u64 = 4096;
 const MAP_HEADER_BODY: usize = 8 + 16 + 16 + 8 + 4 + 4 + 8 + 8;
 
-/// Errors of the fingerprint side file. None of them is fatal to a snapshot
-/// unless the new map cannot be written at all.
+/// Errors writing a take's fingerprint map.
 #[derive(Debug, thiserror::Error)]
-pub enum MapError {
+pub enum PrintFileError {
     #[error("cannot write the fingerprint map {path}")]
     Io {
         path: PathBuf,
@@ -175,8 +174,8 @@ pub struct PrintFile {
 }
 
 impl PrintFile {
-    fn io(path: &Path) -> impl FnOnce(io::Error) -> MapError + '_ {
-        move |source| MapError::Io {
+    fn io(path: &Path) -> impl FnOnce(io::Error) -> PrintFileError + '_ {
+        move |source| PrintFileError::Io {
             path: path.to_path_buf(),
             source,
         }
@@ -189,7 +188,7 @@ impl PrintFile {
         side: &Path,
         copy_from: Option<&Path>,
         count: u64,
-    ) -> Result<PrintFile, MapError> {
+    ) -> Result<PrintFile, PrintFileError> {
         let tmp = tmp_path(side);
         let _ = std::fs::remove_file(&tmp);
         let err = Self::io(&tmp);
@@ -277,7 +276,7 @@ impl PrintFile {
 
     /// Make the map durable and name it `header`'s; the caller then
     /// [`PrintFile::install`]s it once the chain commit is durable.
-    pub fn seal(mut self, header: &MapHeader) -> Result<SealedMap, MapError> {
+    pub fn seal(mut self, header: &MapHeader) -> Result<SealedMap, PrintFileError> {
         self.map.flush().map_err(Self::io(&self.tmp))?;
         sys_pwrite(&self.file, &header.encode(), 0).map_err(Self::io(&self.tmp))?;
         self.file.sync_all().map_err(Self::io(&self.tmp))?;
@@ -330,6 +329,135 @@ fn tmp_path(side: &Path) -> PathBuf {
 fn sys_pwrite(f: &File, b: &[u8], off: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     f.write_all_at(b, off)
+}
+
+const MAP_MAGIC_V1: &[u8; 8] = b"BSNPFPM1";
+const MAP_HEADER_V1: usize = 8 + 16 + 16 + 8 + 4 + 4 + 8 + 8;
+
+/// Errors of the fingerprint side file. None of them is fatal to a snapshot:
+/// the map is rebuilt from the chain.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("cannot read fingerprint map {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("fingerprint map {path} is damaged or does not belong to this chain")]
+    Invalid { path: PathBuf },
+}
+
+/// The fingerprint of every block of one snapshot, in memory, saved whole
+/// (format `BSNPFPM1`). Backups keep their per-remote state in it; takes use
+/// the mapped [`PrintFile`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FingerprintMap {
+    pub chain_id: Uuid,
+    pub snapshot_id: Uuid,
+    pub device_size: u64,
+    pub block_size: u32,
+    pub seed: u64,
+    pub prints: Vec<u64>,
+}
+
+impl FingerprintMap {
+    /// Write the map atomically: a temporary file, fsync, rename, fsync of the directory.
+    pub fn save(&self, path: &Path) -> io::Result<()> {
+        let tmp = path.with_extension("fpmap.tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            let mut header = Vec::with_capacity(MAP_HEADER_V1);
+            header.extend_from_slice(MAP_MAGIC_V1);
+            header.extend_from_slice(self.chain_id.as_bytes());
+            header.extend_from_slice(self.snapshot_id.as_bytes());
+            header.extend_from_slice(&self.device_size.to_le_bytes());
+            header.extend_from_slice(&self.block_size.to_le_bytes());
+            header.extend_from_slice(&0u32.to_le_bytes());
+            header.extend_from_slice(&self.seed.to_le_bytes());
+            header.extend_from_slice(&(self.prints.len() as u64).to_le_bytes());
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&header);
+            let mut w = io::BufWriter::with_capacity(1 << 20, &mut f);
+            w.write_all(&header)?;
+            for chunk in self.prints.chunks(8192) {
+                let bytes: Vec<u8> = chunk.iter().flat_map(|p| p.to_le_bytes()).collect();
+                crc.update(&bytes);
+                w.write_all(&bytes)?;
+            }
+            w.write_all(&crc.finalize().to_le_bytes())?;
+            w.flush()?;
+            drop(w);
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        crate::util::sync_parent(path)?;
+        Ok(())
+    }
+
+    /// Load the map if it exists, is intact and belongs to `chain_id`;
+    /// `Ok(None)` if there is no file. Streams the file: one copy of the map
+    /// in memory.
+    pub fn load(path: &Path, chain_id: Uuid) -> Result<Option<FingerprintMap>, MapError> {
+        let io_err = |source| MapError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let invalid = || MapError::Invalid {
+            path: path.to_path_buf(),
+        };
+        let f = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(e)),
+        };
+        let file_len = f.metadata().map_err(io_err)?.len();
+        let mut r = io::BufReader::with_capacity(1 << 20, f);
+        let mut header = [0u8; MAP_HEADER_V1];
+        r.read_exact(&mut header).map_err(|_| invalid())?;
+        if &header[..8] != MAP_MAGIC_V1 {
+            return Err(invalid());
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(header[o..o + 8].try_into().unwrap());
+        let file_chain = Uuid::from_slice(&header[8..24]).map_err(|_| invalid())?;
+        let snapshot_id = Uuid::from_slice(&header[24..40]).map_err(|_| invalid())?;
+        let device_size = u64_at(40);
+        let block_size = u32::from_le_bytes(header[48..52].try_into().unwrap());
+        let seed = u64_at(56);
+        let count = u64_at(64);
+        if file_chain != chain_id || file_len != MAP_HEADER_V1 as u64 + count * 8 + 4 {
+            return Err(invalid());
+        }
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&header);
+        let mut prints = Vec::with_capacity(count as usize);
+        let mut chunk = vec![0u8; 64 << 10];
+        let mut left = count * 8;
+        while left > 0 {
+            let n = (left as usize).min(chunk.len());
+            r.read_exact(&mut chunk[..n]).map_err(|_| invalid())?;
+            crc.update(&chunk[..n]);
+            prints.extend(
+                chunk[..n]
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap())),
+            );
+            left -= n as u64;
+        }
+        let mut stored = [0u8; 4];
+        r.read_exact(&mut stored).map_err(|_| invalid())?;
+        if crc.finalize() != u32::from_le_bytes(stored) {
+            return Err(invalid());
+        }
+        Ok(Some(FingerprintMap {
+            chain_id,
+            snapshot_id,
+            device_size,
+            block_size,
+            seed,
+            prints,
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -404,5 +532,36 @@ mod tests {
         std::fs::write(&side, &bytes).unwrap();
         assert!(MapHeader::read(&side).is_none());
         assert!(MapHeader::read(&dir.path().join("none")).is_none());
+    }
+
+    #[test]
+    fn map_round_trip_and_damage_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.fpmap");
+        let chain = Uuid::new_v4();
+        let m = FingerprintMap {
+            chain_id: chain,
+            snapshot_id: Uuid::new_v4(),
+            device_size: 3 * 4096 + 7,
+            block_size: 4096,
+            seed: 42,
+            prints: vec![1, 2, 3, 4],
+        };
+        m.save(&p).unwrap();
+        assert_eq!(FingerprintMap::load(&p, chain).unwrap().unwrap(), m);
+        assert!(matches!(
+            FingerprintMap::load(&p, Uuid::new_v4()),
+            Err(MapError::Invalid { .. })
+        ));
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[MAP_HEADER_V1 + 3] ^= 1;
+        std::fs::write(&p, &bytes).unwrap();
+        assert!(matches!(
+            FingerprintMap::load(&p, chain),
+            Err(MapError::Invalid { .. })
+        ));
+        assert!(FingerprintMap::load(&dir.path().join("none"), chain)
+            .unwrap()
+            .is_none());
     }
 }

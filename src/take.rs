@@ -15,7 +15,7 @@ use crate::chain::format::{
 use crate::chain::writer::{SegmentPlan, SegmentWriter};
 use crate::chain::{side_file, Chain, ChainError, Snapshot};
 use crate::device::{Device, DeviceError, DirectReader, Identity};
-use crate::fingerprint::{fingerprint, is_zero, MapError, MapHeader, PrintFile, ZeroPrints};
+use crate::fingerprint::{fingerprint, is_zero, MapHeader, PrintFile, PrintFileError, ZeroPrints};
 use crate::quiesce::{self, QuiesceError};
 use crate::track::Continuity;
 
@@ -44,7 +44,7 @@ pub enum TakeError {
     #[error("the snapshot was cancelled")]
     Cancelled,
     #[error(transparent)]
-    Map(#[from] MapError),
+    Map(#[from] PrintFileError),
 }
 
 impl TakeError {
