@@ -138,7 +138,7 @@ fn the_seeds_curl_call_works_with_only_the_url_changed() {
         second["blocksnap:tracked_blocks"].as_u64().unwrap() >= 16,
         "{second}"
     );
-    let metrics = d.call("GET", "/metrics", None).body;
+    let metrics = http(&d.socket, "GET", "/metrics", Some(TOKEN), None).body;
     assert!(
         metrics.contains("blocksnap_snapshots_tracked_total{volume=\"yourVolumeID\"} 1")
             && metrics.contains("blocksnap_snapshots_full_scan_total{volume=\"yourVolumeID\"} 1"),
