@@ -1026,6 +1026,17 @@ mod tests {
         assert!(Index::decode(&huge).is_none());
     }
 
+    /// Commit records written before the take record existed (the fuzz
+    /// seed) still decode, as having no take record.
+    #[test]
+    fn old_commit_records_read_without_a_take_record() {
+        let seed = include_bytes!("../../fuzz/seeds/chain_records/commit");
+        match decode_commit(seed) {
+            Commit::Valid { stats, .. } => assert_eq!(stats.take, None),
+            other => panic!("the seed no longer decodes: {other:?}"),
+        }
+    }
+
     #[test]
     fn block_size_rules() {
         assert!(check_block_size(4096).is_ok());
