@@ -39,7 +39,7 @@ pub struct Target {
 /// Tuning of a registry.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Pages per CPU ring (a power of two).
+    /// Pages per CPU ring (a power of two; default 256, 1 MiB).
     pub ring_pages: usize,
     /// How often the thread drains the rings; `None`: no thread, rings are
     /// drained only when a take asks (tests use this to overflow a ring).
@@ -53,7 +53,7 @@ impl Default for Options {
         let pages = std::env::var("BLOCKSNAP_TRACK_RING_PAGES")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(128);
+            .unwrap_or(256);
         Options {
             ring_pages: pages.clamp(1, 1 << 14),
             drain_every: Some(Duration::from_millis(20)),
@@ -326,7 +326,13 @@ impl Registry {
                     .name("track-drain".into())
                     .spawn(move || {
                         while !i.stop.load(Ordering::Relaxed) {
-                            std::thread::sleep(every);
+                            // Woken as soon as a ring is a quarter full, so a
+                            // burst of writes is drained before it overflows.
+                            let fds = i.lock().perf.as_ref().map(|p| p.wait_fds());
+                            match fds {
+                                Some(f) if !f.is_empty() => perf::wait(&f, every),
+                                _ => std::thread::sleep(every),
+                            }
                             i.lock().drain();
                         }
                     })

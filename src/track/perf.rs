@@ -472,27 +472,40 @@ impl Perf {
         out
     }
 
-    /// Wait until a ring passes its watermark or `timeout` runs out.
-    pub fn wait(&self, timeout: std::time::Duration) {
-        let mut fds: Vec<libc::pollfd> = self
-            .events
-            .iter()
-            .map(|e| libc::pollfd {
-                fd: e.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: `fds` is a live array of pollfd of the given length, whose
-        // descriptors we own for the duration of the call.
-        unsafe {
-            libc::poll(
-                fds.as_mut_ptr(),
-                fds.len() as libc::nfds_t,
-                timeout.as_millis().min(i32::MAX as u128) as libc::c_int,
-            )
-        };
+    /// Descriptors to wait on: one per CPU ring (duplicates, so a waiter
+    /// outside the tracker's lock never polls a closed descriptor).
+    pub fn wait_fds(&self) -> Vec<OwnedFd> {
+        let mut out = Vec::new();
+        let per_cpu = TRACEPOINTS.len();
+        for e in self.events.iter().step_by(per_cpu) {
+            if let Ok(fd) = e.fd.try_clone() {
+                out.push(fd);
+            }
+        }
+        out
     }
+}
+
+/// Wait until one of `fds` (perf events) passes its ring's wakeup
+/// watermark, or `timeout` runs out.
+pub fn wait(fds: &[OwnedFd], timeout: std::time::Duration) {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `p` is a live array of pollfd of the given length, whose
+    // descriptors are owned by the caller for the duration of the call.
+    unsafe {
+        libc::poll(
+            p.as_mut_ptr(),
+            p.len() as libc::nfds_t,
+            timeout.as_millis().min(i32::MAX as u128) as libc::c_int,
+        )
+    };
 }
 
 fn page_size() -> usize {
