@@ -71,6 +71,8 @@ struct RawVolume {
     max_freeze_seconds: Option<Spanned<f64>>,
     tenant: Option<Spanned<String>>,
     backup_remote: Option<Spanned<String>>,
+    track_writes: Option<bool>,
+    verify_every: Option<Spanned<i64>>,
 }
 
 /// A byte count: an integer, or a string with a unit ("16 MiB", "50MB/s").
@@ -180,7 +182,15 @@ pub struct Volume {
     pub tenant: Option<String>,
     /// The remote its backups go to.
     pub backup_remote: Option<String>,
+    /// Track writes between snapshots (block devices only; default true).
+    pub track_writes: bool,
+    /// Every Nth snapshot reads the whole device and checks tracking against
+    /// it (0: never; default [`DEFAULT_VERIFY_EVERY`]).
+    pub verify_every: u32,
 }
+
+/// Default of `verify_every`: with hourly snapshots, once a day.
+pub const DEFAULT_VERIFY_EVERY: u32 = 24;
 
 /// The whole, validated configuration.
 #[derive(Clone, Debug)]
@@ -551,6 +561,17 @@ impl Config {
                     ))
                 }
             };
+            let verify_every = match &v.verify_every {
+                None => DEFAULT_VERIFY_EVERY,
+                Some(n) if (0..=1_000_000).contains(n.get_ref()) => *n.get_ref() as u32,
+                Some(n) => {
+                    return Err(err(
+                        n.span().start,
+                        "verify_every must be a number of snapshots from 0 (never) to 1000000"
+                            .into(),
+                    ))
+                }
+            };
             volumes.push(Volume {
                 id,
                 device,
@@ -561,6 +582,8 @@ impl Config {
                 max_freeze,
                 tenant,
                 backup_remote,
+                track_writes: v.track_writes.unwrap_or(true),
+                verify_every,
             });
         }
         Ok(Config {
@@ -896,7 +919,7 @@ mod tests {
     fn a_full_config_parses() {
         let img = image();
         let text = format!(
-            "[daemon]\nsocket = \"/run/x.sock\"\nstate_dir = \"/var/lib/x\"\nsocket_mode = \"0600\"\nallowed_uids = [0, 1000]\n\n{TOKENS}\n[[tokens]]\ntenant = \"other\"\ntoken_sha256 = \"{}\"\n\n[[volumes]]\nid = \"c849a193-5275-4527-9e5a-69b2a05933aa\"\ndevice = \"{}\"\ndisplay_name = \"data\"\nquiesce = \"unmount\"\nblock_size = 8192\nmax_freeze_seconds = 5\ntenant = \"acct\"\n",
+            "[daemon]\nsocket = \"/run/x.sock\"\nstate_dir = \"/var/lib/x\"\nsocket_mode = \"0600\"\nallowed_uids = [0, 1000]\n\n{TOKENS}\n[[tokens]]\ntenant = \"other\"\ntoken_sha256 = \"{}\"\n\n[[volumes]]\nid = \"c849a193-5275-4527-9e5a-69b2a05933aa\"\ndevice = \"{}\"\ndisplay_name = \"data\"\nquiesce = \"unmount\"\nblock_size = 8192\nmax_freeze_seconds = 5\ntenant = \"acct\"\ntrack_writes = false\nverify_every = 6\n",
             "ab".repeat(32),
             img.path().display()
         );
@@ -911,6 +934,8 @@ mod tests {
         assert_eq!(v.block_size, Some(8192));
         assert_eq!(v.max_freeze, Duration::from_secs(5));
         assert_eq!(v.tenant.as_deref(), Some("acct"));
+        assert!(!v.track_writes);
+        assert_eq!(v.verify_every, 6);
         assert!(!format!("{:?}", c.tokens[0]).contains("ab"));
     }
 
@@ -966,6 +991,21 @@ mod tests {
                 format!("{TOKENS}{}max_freeze_seconds = -1\n", vol(id, &dev)),
                 7,
                 "positive",
+            ),
+            (
+                format!("{TOKENS}{}verify_every = -3\n", vol(id, &dev)),
+                7,
+                "verify_every",
+            ),
+            (
+                format!("{TOKENS}{}track_writes = \"yes\"\n", vol(id, &dev)),
+                7,
+                "invalid type",
+            ),
+            (
+                format!("{TOKENS}{}verify_evry = 3\n", vol(id, &dev)),
+                7,
+                "unknown field",
             ),
             (
                 format!("{TOKENS}{}tenant = \"ghost\"\n", vol(id, &dev)),

@@ -24,4 +24,5 @@ pub mod sigbus;
 pub mod statedir;
 pub mod sys;
 pub mod take;
+pub mod track;
 pub mod util;

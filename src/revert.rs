@@ -97,68 +97,71 @@ pub fn revert(
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let mut off = 0u64;
-    while off < size {
-        let len = window.min(size - off);
-        map.populate(off, len as usize)?;
-        let b0 = off / bs;
-        let n = len.div_ceil(bs) as usize;
-        hash_blocks(
-            map.bytes(off, len as usize),
-            bs as usize,
-            seed,
-            &mut prints[..n],
-            threads,
-        );
-        map.check()?;
-        for (i, p) in prints[..n].iter().enumerate() {
-            let b = b0 + i as u64;
-            out.blocks_checked += 1;
-            if *p == want[b as usize] {
-                continue;
-            }
-            while plan.runs[run_i].block + plan.runs[run_i].count <= b {
-                run_i += 1;
-            }
-            let run = plan.runs[run_i];
-            let blen = plan.block_len(b) as usize;
-            let data: &[u8] = match run.source {
-                Origin::Zero => &zeros[..blen],
-                Origin::Data {
-                    offset,
-                    segment,
-                    meta,
-                } => {
-                    let k = b - run.block;
-                    let at = offset + k * bs;
-                    let got = sys::pread_full(chain.file().as_fd(), &mut buf[..blen], at).map_err(
-                        |source| ChainError::Read {
-                            path: chain.path().to_path_buf(),
-                            offset: at,
-                            source,
-                        },
-                    )?;
-                    let (crc, _) = plan.block_check(segment, meta + k as u32);
-                    if got != blen || crc32fast::hash(&buf[..blen]) != crc {
-                        return Err(RevertError::Corrupt {
-                            id,
-                            block: b,
-                            chain_offset: at,
-                        });
-                    }
-                    &buf[..blen]
+    // The one windowed scan (shared with takes): prefetched, released behind.
+    crate::device::scan_windows(
+        &map,
+        size,
+        window,
+        &|| false,
+        |off, len| -> Result<(), RevertError> {
+            let len = len as u64;
+            let b0 = off / bs;
+            let n = len.div_ceil(bs) as usize;
+            hash_blocks(
+                map.bytes(off, len as usize),
+                bs as usize,
+                seed,
+                &mut prints[..n],
+                threads,
+            );
+            map.check()?;
+            for (i, p) in prints[..n].iter().enumerate() {
+                let b = b0 + i as u64;
+                out.blocks_checked += 1;
+                if *p == want[b as usize] {
+                    continue;
                 }
-            };
-            sys::pwrite_full(wfd, data, b * bs).map_err(werr(b * bs))?;
-            out.blocks_written += 1;
-            out.bytes_written += blen as u64;
-        }
-        map.release(off, len as usize);
-        if let Some(p) = progress {
-            p.done.store(off + len, Ordering::Relaxed);
-        }
-        off += len;
-    }
+                while plan.runs[run_i].block + plan.runs[run_i].count <= b {
+                    run_i += 1;
+                }
+                let run = plan.runs[run_i];
+                let blen = plan.block_len(b) as usize;
+                let data: &[u8] = match run.source {
+                    Origin::Zero => &zeros[..blen],
+                    Origin::Data {
+                        offset,
+                        segment,
+                        meta,
+                    } => {
+                        let k = b - run.block;
+                        let at = offset + k * bs;
+                        let got = sys::pread_full(chain.file().as_fd(), &mut buf[..blen], at)
+                            .map_err(|source| ChainError::Read {
+                                path: chain.path().to_path_buf(),
+                                offset: at,
+                                source,
+                            })?;
+                        let (crc, _) = plan.block_check(segment, meta + k as u32);
+                        if got != blen || crc32fast::hash(&buf[..blen]) != crc {
+                            return Err(RevertError::Corrupt {
+                                id,
+                                block: b,
+                                chain_offset: at,
+                            });
+                        }
+                        &buf[..blen]
+                    }
+                };
+                sys::pwrite_full(wfd, data, b * bs).map_err(werr(b * bs))?;
+                out.blocks_written += 1;
+                out.bytes_written += blen as u64;
+            }
+            if let Some(p) = progress {
+                p.done.store(off + len, Ordering::Relaxed);
+            }
+            Ok(())
+        },
+    )?;
     drop(map);
     src.file().sync_all().map_err(werr(0))?;
     let _ = sys::drop_cache(wfd, 0, size);

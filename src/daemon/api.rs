@@ -553,6 +553,11 @@ fn snapshot_detail(d: &Daemon, r: &SnapshotRecord, tenant: &str) -> Map<String, 
         m.insert("blocksnap:changed_bytes".into(), json!(r.changed_bytes));
         m.insert("blocksnap:stored_bytes".into(), json!(r.stored_bytes));
         m.insert("blocksnap:freeze_ms".into(), json!(r.freeze_ms));
+        if let Some(t) = d.take_records.get(&d.chain_path(&r.volume_id), r.id) {
+            for (k, v) in crate::daemon::takes::detail_keys(&t) {
+                m.insert(k.into(), v);
+            }
+        }
     }
     if let Some(e) = &r.error {
         m.insert("blocksnap:error".into(), json!(e));

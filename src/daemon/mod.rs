@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod takes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -90,6 +91,10 @@ pub struct Daemon {
     /// Set on SIGTERM: running scans stop, are thawed and marked error.
     pub shutdown: Arc<AtomicBool>,
     pub metrics: metrics::Metrics,
+    /// Write tracking of the configured volumes, from the daemon's start.
+    pub tracker: Arc<crate::track::Registry>,
+    /// How each snapshot was taken, from the chains (for detail views).
+    pub take_records: takes::TakeRecords,
     running: Mutex<usize>,
     idle: std::sync::Condvar,
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -171,8 +176,22 @@ impl Daemon {
                     })
                 }
             };
+        let tracker = Arc::new(crate::track::Registry::start(
+            &config
+                .volumes
+                .iter()
+                .filter(|v| v.track_writes)
+                .map(|v| crate::track::Target {
+                    volume: v.id.clone(),
+                    path: v.device.clone(),
+                })
+                .collect::<Vec<_>>(),
+            &Default::default(),
+        ));
         let d = Daemon {
             metrics: metrics::Metrics::default(),
+            tracker,
+            take_records: Default::default(),
             catalog: Mutex::new(Catalog::default()),
             busy: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
@@ -519,6 +538,19 @@ impl Daemon {
             progress: Some(progress),
             cancel: Some(self.shutdown.clone()),
             tuning: Default::default(),
+            tracking: match self.config.volumes.iter().find(|c| c.id == volume.id) {
+                Some(c) if c.track_writes => take::Tracking::Shared {
+                    registry: self.tracker.clone(),
+                    volume: volume.id.clone(),
+                },
+                _ => take::Tracking::Off,
+            },
+            verify_every: self
+                .config
+                .volumes
+                .iter()
+                .find(|c| c.id == volume.id)
+                .map_or(0, |c| c.verify_every),
         };
         let result = take::take(
             self.sys.clone(),
@@ -536,6 +568,11 @@ impl Daemon {
                     stored_bytes = out.stored_bytes,
                     freeze_ms = out.freeze.as_secs_f64() * 1000.0,
                     duration_ms = out.duration.as_secs_f64() * 1000.0,
+                    taken = out.record.method.as_str(),
+                    full_scan_reason = out.record.reason.as_str(),
+                    rounds = out.record.rounds,
+                    quiesced_blocks = out.record.quiesced_blocks,
+                    tracked_blocks = out.record.tracked_blocks,
                     quiesce = %out.quiesce,
                     "snapshot available"
                 );
