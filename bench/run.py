@@ -344,7 +344,7 @@ def main():
             f"| {case} | {mode} | {fmt_s(ours)} | {fmt_s(floor)} | `{fcmd}` | {ratio:.2f} | {human(rss)} | {human(wr)} | "
             f"{human(cache) if cache is not None else '-'} |"
         )
-    lines.append(f"\nFingerprint map of this device: {human(map_bytes)} (8 bytes per 4 KiB block; a take holds one, updated in place).\n")
+    lines.append(f"\nFingerprint map of this device: {human(map_bytes)} (8 bytes per 4 KiB block; a take reads and writes it through a mapping of its file, released behind the scan).\n")
     lines.append("Stored bytes per increment:\n")
     lines.extend(notes)
     lines.append("\nFreeze window of a mounted filesystem (from `chain list --json`'s `freeze_ms`):\n")

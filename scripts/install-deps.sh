@@ -19,3 +19,21 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+# The S3 server the backup tests and the benchmark start (moto, in server
+# mode) and the AWS CLI the benchmark compares with, in a virtualenv of our
+# own (.venv-s3 at the top of the tree; tests find it there).
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="$root/.venv-s3"
+if ! "$venv/bin/python" -c 'import moto.server, flask_cors, boto3' >/dev/null 2>&1 \
+    || [ ! -x "$venv/bin/aws" ]; then
+    if ! python3 -m venv --help >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    fi
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check \
+        'moto[s3]==5.2.5' flask flask-cors 'awscli>=1.40,<2'
+fi

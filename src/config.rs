@@ -33,6 +33,8 @@ struct RawConfig {
     tokens: Vec<Spanned<RawToken>>,
     #[serde(default)]
     volumes: Vec<Spanned<RawVolume>>,
+    #[serde(default)]
+    remotes: Vec<Spanned<RawRemote>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -68,6 +70,85 @@ struct RawVolume {
     block_size: Option<Spanned<u32>>,
     max_freeze_seconds: Option<Spanned<f64>>,
     tenant: Option<Spanned<String>>,
+    backup_remote: Option<Spanned<String>>,
+    track_writes: Option<bool>,
+    verify_every: Option<Spanned<i64>>,
+}
+
+/// A byte count: an integer, or a string with a unit ("16 MiB", "50MB/s").
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Int(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRemote {
+    name: Spanned<String>,
+    endpoint: Spanned<String>,
+    bucket: Spanned<String>,
+    prefix: Option<Spanned<String>>,
+    region: Option<Spanned<String>>,
+    credentials_file: Spanned<PathBuf>,
+    key_file: Option<Spanned<PathBuf>>,
+    bandwidth_limit: Option<Spanned<RawSize>>,
+    path_style: Option<bool>,
+    object_size: Option<Spanned<RawSize>>,
+    part_size: Option<Spanned<RawSize>>,
+    concurrency: Option<Spanned<usize>>,
+    timeout_seconds: Option<Spanned<f64>>,
+    retries: Option<Spanned<u32>>,
+    retry_delay_seconds: Option<Spanned<f64>>,
+}
+
+/// The credentials file of a remote. No Debug: it holds secrets.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredentials {
+    access_key_id: String,
+    secret_access_key: String,
+    session_token: Option<String>,
+}
+
+/// S3 credentials. Never printed: Debug shows nothing of them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials(..)")
+    }
+}
+
+/// A configured backup remote: an S3 bucket (and prefix) on an endpoint.
+#[derive(Clone, Debug)]
+pub struct RemoteConfig {
+    pub name: String,
+    /// `http(s)://host[:port]/`, ending with a slash.
+    pub endpoint: String,
+    pub bucket: String,
+    /// Empty, or ending with a slash.
+    pub prefix: String,
+    pub region: String,
+    pub credentials_file: PathBuf,
+    pub credentials: Credentials,
+    pub key_file: Option<PathBuf>,
+    pub key: Option<crate::backup::crypto::Key>,
+    /// Bytes per second, both directions together per direction.
+    pub bandwidth_limit: Option<u64>,
+    pub path_style: bool,
+    pub object_size: u64,
+    pub part_size: u64,
+    pub concurrency: usize,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub retry_delay: Duration,
 }
 
 /// An API token: the SHA-256 of the secret, and the tenant it belongs to.
@@ -99,7 +180,17 @@ pub struct Volume {
     pub max_freeze: Duration,
     /// `None`: every tenant sees it.
     pub tenant: Option<String>,
+    /// The remote its backups go to.
+    pub backup_remote: Option<String>,
+    /// Track writes between snapshots (block devices only; default true).
+    pub track_writes: bool,
+    /// Every Nth snapshot reads the whole device and checks tracking against
+    /// it (0: never; default [`DEFAULT_VERIFY_EVERY`]).
+    pub verify_every: u32,
 }
+
+/// Default of `verify_every`: with hourly snapshots, once a day.
+pub const DEFAULT_VERIFY_EVERY: u32 = 24;
 
 /// The whole, validated configuration.
 #[derive(Clone, Debug)]
@@ -117,6 +208,7 @@ pub struct Config {
     pub log_level: Option<String>,
     pub tokens: Vec<Token>,
     pub volumes: Vec<Volume>,
+    pub remotes: Vec<RemoteConfig>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -331,6 +423,8 @@ impl Config {
             ));
         }
 
+        let remotes = parse_remotes(&raw.remotes, &err)?;
+
         let mut volumes = Vec::new();
         let mut seen_ids: HashMap<String, usize> = HashMap::new();
         let mut seen_devices: HashMap<PathBuf, usize> = HashMap::new();
@@ -452,6 +546,32 @@ impl Config {
                     Some(t.get_ref().clone())
                 }
             };
+            let backup_remote = match &v.backup_remote {
+                None => None,
+                Some(r) if remotes.iter().any(|x| &x.name == r.get_ref()) => {
+                    Some(r.get_ref().clone())
+                }
+                Some(r) => {
+                    return Err(err(
+                        r.span().start,
+                        format!(
+                            "backup_remote {:?} of volume {id} names no [[remotes]] entry",
+                            r.get_ref()
+                        ),
+                    ))
+                }
+            };
+            let verify_every = match &v.verify_every {
+                None => DEFAULT_VERIFY_EVERY,
+                Some(n) if (0..=1_000_000).contains(n.get_ref()) => *n.get_ref() as u32,
+                Some(n) => {
+                    return Err(err(
+                        n.span().start,
+                        "verify_every must be a number of snapshots from 0 (never) to 1000000"
+                            .into(),
+                    ))
+                }
+            };
             volumes.push(Volume {
                 id,
                 device,
@@ -461,6 +581,9 @@ impl Config {
                 block_size: v.block_size.as_ref().map(|b| *b.get_ref()),
                 max_freeze,
                 tenant,
+                backup_remote,
+                track_writes: v.track_writes.unwrap_or(true),
+                verify_every,
             });
         }
         Ok(Config {
@@ -478,8 +601,304 @@ impl Config {
             log_level: daemon.log_level,
             tokens,
             volumes,
+            remotes,
         })
     }
+}
+
+/// Read only the `[[remotes]]` of a configuration file: the daemon's, or a
+/// small file with nothing else (for restoring on another host). The whole
+/// file must still be well-formed; volumes and tokens are not checked.
+pub fn load_remotes(path: &Path) -> Result<Vec<RemoteConfig>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: 0,
+        message: format!("cannot read the configuration: {e}"),
+    })?;
+    let err = |offset: usize, message: String| ConfigError {
+        file: path.to_path_buf(),
+        line: line_of(&text, offset),
+        message,
+    };
+    let raw: RawConfig = toml::from_str(&text).map_err(|e| {
+        let offset = e.span().map(|s| s.start).unwrap_or(0);
+        err(offset, e.message().trim().to_string())
+    })?;
+    parse_remotes(&raw.remotes, &err)
+}
+
+/// Parse a byte count: an integer, or a number with a unit (B, KB, KiB,
+/// MB, MiB, GB, GiB; an optional "/s").
+pub fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t).trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KB" | "kB" => 1e3,
+        "KiB" => 1024.0,
+        "MB" => 1e6,
+        "MiB" => 1048576.0,
+        "GB" => 1e9,
+        "GiB" => 1073741824.0,
+        _ => return None,
+    };
+    let v = num * mult;
+    (v.is_finite() && v >= 0.0 && v < u64::MAX as f64).then_some(v as u64)
+}
+
+/// Refuse a secret file that others may read or write, or that is not a
+/// regular file.
+pub fn check_private(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let md = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !md.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mode = md.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} is open to group or others (mode {mode:04o}); it holds secrets: chmod 600 {}",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+fn load_credentials(path: &Path) -> Result<Credentials, String> {
+    check_private(path)?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read credentials file {}: {e}", path.display()))?;
+    let raw: RawCredentials = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map(|s| line_of(&text, s.start)).unwrap_or(0);
+        // Only messages that cannot echo a secret value.
+        let m = e.message();
+        let what = if m.contains("unknown field") || m.contains("missing field") {
+            m.trim().to_string()
+        } else {
+            "expected access_key_id and secret_access_key strings".to_string()
+        };
+        format!("credentials file {}:{line}: {what}", path.display())
+    })?;
+    if raw.access_key_id.is_empty() || raw.secret_access_key.is_empty() {
+        return Err(format!(
+            "credentials file {}: access_key_id and secret_access_key must not be empty",
+            path.display()
+        ));
+    }
+    Ok(Credentials {
+        access_key_id: raw.access_key_id,
+        secret_access_key: raw.secret_access_key,
+        session_token: raw.session_token,
+    })
+}
+
+fn valid_bucket(b: &str) -> bool {
+    (3..=63).contains(&b.len())
+        && b.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
+        && b.as_bytes()[0].is_ascii_alphanumeric()
+        && b.as_bytes()[b.len() - 1].is_ascii_alphanumeric()
+}
+
+fn parse_remotes(
+    raw: &[Spanned<RawRemote>],
+    err: &dyn Fn(usize, String) -> ConfigError,
+) -> Result<Vec<RemoteConfig>, ConfigError> {
+    let mut out: Vec<RemoteConfig> = Vec::new();
+    for r in raw {
+        let r = r.get_ref();
+        let name = r.name.get_ref().clone();
+        if !valid_name(&name) {
+            return Err(err(
+                r.name.span().start,
+                format!("remote name {name:?} must be 1 to 64 letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        if out.iter().any(|o| o.name == name) {
+            return Err(err(
+                r.name.span().start,
+                format!("remote {name} is configured twice"),
+            ));
+        }
+        let ep = r.endpoint.get_ref();
+        let endpoint = match url::Url::parse(ep) {
+            Ok(u)
+                if matches!(u.scheme(), "http" | "https")
+                    && u.host_str().is_some()
+                    && u.query().is_none()
+                    && u.username().is_empty()
+                    && u.password().is_none() =>
+            {
+                let mut s = u.to_string();
+                if !s.ends_with('/') {
+                    s.push('/');
+                }
+                s
+            }
+            _ => {
+                return Err(err(
+                    r.endpoint.span().start,
+                    format!("endpoint of remote {name} must be an http:// or https:// URL such as \"https://s3.example.com\" (without credentials or a query)"),
+                ))
+            }
+        };
+        let bucket = r.bucket.get_ref().clone();
+        if !valid_bucket(&bucket) {
+            return Err(err(
+                r.bucket.span().start,
+                format!("bucket {bucket:?} of remote {name} must be 3 to 63 lower-case letters, digits, '.' or '-'"),
+            ));
+        }
+        let prefix = match &r.prefix {
+            None => String::new(),
+            Some(p) => {
+                let t = p.get_ref().trim_matches('/');
+                let ok = t
+                    .split('/')
+                    .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+                    && t.bytes().all(|b| b.is_ascii_graphic());
+                if t.is_empty() {
+                    String::new()
+                } else if ok {
+                    format!("{t}/")
+                } else {
+                    return Err(err(
+                        p.span().start,
+                        format!("prefix {:?} of remote {name} must be printable ASCII path segments without spaces, '.' or '..'", p.get_ref()),
+                    ));
+                }
+            }
+        };
+        let region = r
+            .region
+            .as_ref()
+            .map(|x| x.get_ref().clone())
+            .unwrap_or_else(|| "us-east-1".into());
+        let cpath = r.credentials_file.get_ref().clone();
+        let credentials = load_credentials(&cpath).map_err(|m| {
+            err(
+                r.credentials_file.span().start,
+                format!("credentials_file of remote {name}: {m}"),
+            )
+        })?;
+        let (key_file, key) = match &r.key_file {
+            None => (None, None),
+            Some(k) => {
+                let at = k.span().start;
+                let path = k.get_ref().clone();
+                check_private(&path)
+                    .map_err(|m| err(at, format!("key_file of remote {name}: {m}")))?;
+                let key = crate::backup::crypto::Key::load(&path).map_err(|e| {
+                    err(
+                        at,
+                        format!(
+                            "key_file of remote {name}: {}",
+                            crate::util::error_chain(&e)
+                        ),
+                    )
+                })?;
+                (Some(path), Some(key))
+            }
+        };
+        let size = |v: &Option<Spanned<RawSize>>,
+                    what: &str,
+                    default: u64,
+                    min: u64,
+                    max: u64|
+         -> Result<u64, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(s) => {
+                    let n = match s.get_ref() {
+                        RawSize::Int(n) => Some(*n),
+                        RawSize::Text(t) => parse_size(t),
+                    };
+                    match n {
+                        Some(n) if (min..=max).contains(&n) => Ok(n),
+                        _ => Err(err(
+                            s.span().start,
+                            format!("{what} of remote {name} must be a size from {} to {} (bytes, or a number with B, KiB, MiB, GiB)", crate::util::human_bytes(min), crate::util::human_bytes(max)),
+                        )),
+                    }
+                }
+            }
+        };
+        let bandwidth_limit = match &r.bandwidth_limit {
+            None => None,
+            Some(_) => Some(size(
+                &r.bandwidth_limit,
+                "bandwidth_limit",
+                0,
+                64 << 10,
+                u64::MAX / 2,
+            )?),
+        };
+        let object_size = size(&r.object_size, "object_size", 16 << 20, 1 << 20, 1 << 30)?;
+        let part_size = size(&r.part_size, "part_size", 8 << 20, 5 << 20, 1 << 30)?;
+        let concurrency = match &r.concurrency {
+            None => 4,
+            Some(c) if (1..=64).contains(c.get_ref()) => *c.get_ref(),
+            Some(c) => {
+                return Err(err(
+                    c.span().start,
+                    format!("concurrency of remote {name} must be from 1 to 64"),
+                ))
+            }
+        };
+        let seconds = |v: &Option<Spanned<f64>>,
+                       what: &str,
+                       default: f64|
+         -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(Duration::from_secs_f64(default)),
+                Some(t) if t.get_ref().is_finite() && *t.get_ref() > 0.0 && *t.get_ref() < 1e6 => {
+                    Ok(Duration::from_secs_f64(*t.get_ref()))
+                }
+                Some(t) => Err(err(
+                    t.span().start,
+                    format!("{what} of remote {name} must be a positive number of seconds"),
+                )),
+            }
+        };
+        let timeout = seconds(&r.timeout_seconds, "timeout_seconds", 60.0)?;
+        let retry_delay = seconds(&r.retry_delay_seconds, "retry_delay_seconds", 0.5)?;
+        let retries = match &r.retries {
+            None => 8,
+            Some(n) if *n.get_ref() <= 100 => *n.get_ref(),
+            Some(n) => {
+                return Err(err(
+                    n.span().start,
+                    format!("retries of remote {name} must be at most 100"),
+                ))
+            }
+        };
+        out.push(RemoteConfig {
+            name,
+            endpoint,
+            bucket,
+            prefix,
+            region,
+            credentials_file: cpath,
+            credentials,
+            key_file,
+            key,
+            bandwidth_limit,
+            path_style: r.path_style.unwrap_or(true),
+            object_size,
+            part_size,
+            concurrency,
+            timeout,
+            retries,
+            retry_delay,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -502,7 +921,7 @@ mod tests {
     fn a_full_config_parses() {
         let img = image();
         let text = format!(
-            "[daemon]\nsocket = \"/run/x.sock\"\nstate_dir = \"/var/lib/x\"\nsocket_mode = \"0600\"\nallowed_uids = [0, 1000]\n\n{TOKENS}\n[[tokens]]\ntenant = \"other\"\ntoken_sha256 = \"{}\"\n\n[[volumes]]\nid = \"c849a193-5275-4527-9e5a-69b2a05933aa\"\ndevice = \"{}\"\ndisplay_name = \"data\"\nquiesce = \"unmount\"\nblock_size = 8192\nmax_freeze_seconds = 5\ntenant = \"acct\"\n",
+            "[daemon]\nsocket = \"/run/x.sock\"\nstate_dir = \"/var/lib/x\"\nsocket_mode = \"0600\"\nallowed_uids = [0, 1000]\n\n{TOKENS}\n[[tokens]]\ntenant = \"other\"\ntoken_sha256 = \"{}\"\n\n[[volumes]]\nid = \"c849a193-5275-4527-9e5a-69b2a05933aa\"\ndevice = \"{}\"\ndisplay_name = \"data\"\nquiesce = \"unmount\"\nblock_size = 8192\nmax_freeze_seconds = 5\ntenant = \"acct\"\ntrack_writes = false\nverify_every = 6\n",
             "ab".repeat(32),
             img.path().display()
         );
@@ -517,6 +936,8 @@ mod tests {
         assert_eq!(v.block_size, Some(8192));
         assert_eq!(v.max_freeze, Duration::from_secs(5));
         assert_eq!(v.tenant.as_deref(), Some("acct"));
+        assert!(!v.track_writes);
+        assert_eq!(v.verify_every, 6);
         assert!(!format!("{:?}", c.tokens[0]).contains("ab"));
     }
 
@@ -574,6 +995,21 @@ mod tests {
                 "positive",
             ),
             (
+                format!("{TOKENS}{}verify_every = -3\n", vol(id, &dev)),
+                7,
+                "verify_every",
+            ),
+            (
+                format!("{TOKENS}{}track_writes = \"yes\"\n", vol(id, &dev)),
+                7,
+                "invalid type",
+            ),
+            (
+                format!("{TOKENS}{}verify_evry = 3\n", vol(id, &dev)),
+                7,
+                "unknown field",
+            ),
+            (
                 format!("{TOKENS}{}tenant = \"ghost\"\n", vol(id, &dev)),
                 7,
                 "has no token",
@@ -628,6 +1064,146 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// A credentials file (mode 0600) and a key file in a temp dir.
+    fn secrets() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let c = d.path().join("creds.toml");
+        std::fs::write(
+            &c,
+            "access_key_id = \"AKIAEXAMPLE\"\nsecret_access_key = \"very-secret-value\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&c, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let k = d.path().join("key");
+        std::fs::write(&k, [7u8; 32]).unwrap();
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (d, c, k)
+    }
+
+    #[test]
+    fn remotes_parse_and_never_show_their_secrets() {
+        let (_d, c, k) = secrets();
+        let img = image();
+        let text = format!(
+            "{TOKENS}[[remotes]]\nname = \"offsite\"\nendpoint = \"http://127.0.0.1:9000\"\nbucket = \"backups\"\nprefix = \"/host1/\"\ncredentials_file = \"{}\"\nkey_file = \"{}\"\nbandwidth_limit = \"50 MiB/s\"\nobject_size = \"32MiB\"\n\n[[volumes]]\nid = \"v1\"\ndevice = \"{}\"\nbackup_remote = \"offsite\"\n",
+            c.display(),
+            k.display(),
+            img.path().display()
+        );
+        let cfg = parse(&text).unwrap();
+        let r = &cfg.remotes[0];
+        assert_eq!(r.endpoint, "http://127.0.0.1:9000/");
+        assert_eq!(r.prefix, "host1/");
+        assert_eq!(r.region, "us-east-1");
+        assert_eq!(r.bandwidth_limit, Some(50 << 20));
+        assert_eq!(r.object_size, 32 << 20);
+        assert_eq!(r.credentials.secret_access_key, "very-secret-value");
+        assert!(r.key.is_some());
+        assert_eq!(cfg.volumes[0].backup_remote.as_deref(), Some("offsite"));
+        let dbg = format!("{cfg:?}");
+        assert!(
+            !dbg.contains("very-secret") && !dbg.contains("AKIAEXAMPLE"),
+            "{dbg}"
+        );
+        // The remotes alone, from the daemon's file: volumes not checked.
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            f.path(),
+            text.replace(&img.path().display().to_string(), "/gone"),
+        )
+        .unwrap();
+        let rs = load_remotes(f.path()).unwrap();
+        assert_eq!(rs[0].name, "offsite");
+        assert_eq!(parse_size("1.5KiB"), Some(1536));
+        assert_eq!(parse_size("10 MB/s"), Some(10_000_000));
+        assert_eq!(parse_size("ten"), None);
+    }
+
+    #[test]
+    fn remote_mistakes_name_their_line() {
+        use std::os::unix::fs::PermissionsExt;
+        let (d, c, k) = secrets();
+        let open = d.path().join("open.toml");
+        std::fs::copy(&c, &open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let bad_creds = d.path().join("bad.toml");
+        std::fs::write(
+            &bad_creds,
+            "access_key_id = 12345678\nsecret_access_key = \"s3cr3t-v4lue\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&bad_creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let img = image();
+        let remote = |extra: &str, creds: &Path| {
+            format!(
+                "{TOKENS}[[remotes]]\nname = \"r\"\nendpoint = \"http://h:1\"\nbucket = \"bkt\"\ncredentials_file = \"{}\"\n{extra}",
+                creds.display()
+            )
+        };
+        let cases: Vec<(String, usize, &str)> = vec![
+            (remote("", &open), 8, "chmod 600"),
+            (
+                remote("", &bad_creds),
+                8,
+                "access_key_id and secret_access_key",
+            ),
+            (remote("colour = \"red\"\n", &c), 9, "unknown field"),
+            (remote("bucket2 = 1\n", &c), 9, "unknown field"),
+            (
+                remote(&format!("key_file = \"{}\"\n", open.display()), &c),
+                9,
+                "chmod 600",
+            ),
+            (
+                remote(&format!("key_file = \"{}\"\n", c.display()), &c),
+                9,
+                "32 random bytes",
+            ),
+            (
+                remote("bandwidth_limit = \"fast\"\n", &c),
+                9,
+                "bandwidth_limit",
+            ),
+            (remote("part_size = 1024\n", &c), 9, "part_size"),
+            (remote("concurrency = 0\n", &c), 9, "concurrency"),
+            (
+                remote("", &c).replace("http://h:1", "ftp://h"),
+                6,
+                "http://",
+            ),
+            (remote("", &c).replace("bkt", "Bad_Bucket"), 7, "bucket"),
+            (
+                format!(
+                    "{}[[volumes]]\nid = \"v\"\ndevice = \"{}\"\nbackup_remote = \"nope\"\n",
+                    remote("", &c),
+                    img.path().display()
+                ),
+                12,
+                "names no [[remotes]]",
+            ),
+            (
+                format!("{}{}", remote("", &c), remote("", &c).replace(TOKENS, "")),
+                10,
+                "twice",
+            ),
+        ];
+        for (text, line, needle) in cases {
+            let e = parse(&text).expect_err(&text);
+            assert_eq!(e.line, line, "wrong line for {needle:?}: {e}\n{text}");
+            assert!(
+                e.message.contains(needle),
+                "{:?} lacks {needle:?}",
+                e.message
+            );
+            assert!(
+                !e.message.contains("s3cr3t") && !e.message.contains("12345678"),
+                "{e}"
+            );
+        }
+        let _ = k;
     }
 
     #[test]

@@ -382,6 +382,132 @@ impl DeviceMap<'_> {
     }
 }
 
+/// The one windowed scan of a device, used by takes and reverts: a
+/// prefetcher thread faults in the next window (`MADV_POPULATE_READ`, so a
+/// read error is an error, not a SIGBUS) while `each` works on the current
+/// one; each window is released (unmapped and dropped from the page cache)
+/// once `each` is done with it, so at most two windows are resident.
+/// `each(offset, len)` reads through `map.bytes` and calls `map.check` before
+/// trusting them. Returns `Ok(false)` if `stop` ended the scan early.
+pub fn scan_windows<E: From<DeviceError>>(
+    map: &DeviceMap<'_>,
+    size: u64,
+    window: u64,
+    stop: &(dyn Fn() -> bool + Sync),
+    mut each: impl FnMut(u64, usize) -> Result<(), E>,
+) -> Result<bool, E> {
+    let window = window.max(4096);
+    let nwin = size.div_ceil(window);
+    std::thread::scope(|s| -> Result<bool, E> {
+        // A rendezvous channel: one window prefaulted while one is used.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<u64, DeviceError>>(0);
+        s.spawn(move || {
+            for w in 0..nwin {
+                if stop() {
+                    break;
+                }
+                let off = w * window;
+                let len = window.min(size - off) as usize;
+                let r = map.populate(off, len);
+                let failed = r.is_err();
+                if tx.send(r.map(|()| off)).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let mut done = 0;
+        for msg in rx.iter() {
+            let off = msg?;
+            if stop() {
+                return Ok(false);
+            }
+            let len = window.min(size - off) as usize;
+            each(off, len)?;
+            map.check()?;
+            map.release(off, len);
+            done += 1;
+        }
+        Ok(done == nwin)
+    })
+}
+
+/// Reads of chosen ranges straight from the device (`O_DIRECT`), bypassing
+/// the block device's page cache, which a mounted filesystem does not keep
+/// coherent: what is read is what the device holds now. Where `O_DIRECT` is
+/// refused (some filesystems holding image files), reads are buffered, after
+/// dropping the range from the page cache.
+#[derive(Debug)]
+pub struct DirectReader {
+    path: PathBuf,
+    file: File,
+    direct: bool,
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+const DIRECT_ALIGN: usize = 4096;
+
+impl DirectReader {
+    /// Open `path` for reads of up to `cap` bytes (a multiple of 4096).
+    pub fn open(path: &Path, cap: usize) -> Result<DirectReader, DeviceError> {
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC | flags)
+                .open(path)
+        };
+        let (file, direct) = match open(libc::O_DIRECT) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (open(0).map_err(|e| open_error(path, e))?, false)
+            }
+            Err(e) => return Err(open_error(path, e)),
+        };
+        let cap = cap.div_ceil(DIRECT_ALIGN).max(1) * DIRECT_ALIGN;
+        Ok(DirectReader {
+            path: path.to_path_buf(),
+            file,
+            direct,
+            buf: vec![0u8; cap + DIRECT_ALIGN],
+            cap,
+        })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The `len` bytes at `offset` (a multiple of 4096; `len` at most the
+    /// capacity). Fewer bytes come back only at the end of the device.
+    pub fn read(&mut self, offset: u64, len: usize) -> Result<&[u8], DeviceError> {
+        let len = len.min(self.cap);
+        let skew = self.buf.as_ptr().align_offset(DIRECT_ALIGN);
+        let want = if self.direct {
+            len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
+        } else {
+            let _ = sys::drop_cache(self.file.as_fd(), offset, len as u64);
+            len
+        };
+        let buf = &mut self.buf[skew..skew + want];
+        let got = sys::pread_full(self.file.as_fd(), buf, offset).map_err(|source| {
+            DeviceError::Read {
+                path: self.path.clone(),
+                offset,
+                source,
+            }
+        })?;
+        Ok(&self.buf[skew..skew + got.min(len)])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,6 +529,33 @@ mod tests {
         map.release(0, 20000);
         // Still readable after release (faults back in).
         assert_eq!(map.bytes(4096, 10), &data[4096..4106]);
+    }
+
+    #[test]
+    fn direct_reads_and_windowed_scans_see_the_file() {
+        let mut f = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+        let data: Vec<u8> = (0..(3 << 20) + 5000u32).map(|i| (i % 253) as u8).collect();
+        f.write_all(&data).unwrap();
+        f.flush().unwrap();
+        let mut r = DirectReader::open(f.path(), 1 << 20).unwrap();
+        assert_eq!(r.read(8192, 4096).unwrap(), &data[8192..12288]);
+        // The end of the file comes back short.
+        let end = data.len() as u64 / 4096 * 4096;
+        assert_eq!(r.read(end, 8192).unwrap(), &data[end as usize..]);
+        let src = Device::open(f.path(), false).unwrap();
+        let map = src.map().unwrap();
+        let mut seen = Vec::new();
+        let done = scan_windows::<DeviceError>(&map, src.size(), 1 << 20, &|| false, |off, len| {
+            seen.extend_from_slice(map.bytes(off, len));
+            Ok(())
+        })
+        .unwrap();
+        assert!(done);
+        assert!(seen == data);
+        let stopped =
+            scan_windows::<DeviceError>(&map, src.size(), 1 << 20, &|| true, |_, _| Ok(()))
+                .unwrap();
+        assert!(!stopped);
     }
 
     #[test]

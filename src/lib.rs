@@ -9,6 +9,7 @@
 //! - [`quiesce`]: freeze / unmount / exclusive open, never leaving a filesystem frozen.
 //! - [`take`]: a whole snapshot, from quiesce to commit.
 
+pub mod backup;
 pub mod chain;
 pub mod client;
 pub mod config;
@@ -21,6 +22,8 @@ pub mod loopdev;
 pub mod quiesce;
 pub mod revert;
 pub mod sigbus;
+pub mod statedir;
 pub mod sys;
 pub mod take;
+pub mod track;
 pub mod util;

@@ -130,55 +130,59 @@ fn write_differing(
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let mut off = 0u64;
     let nwin = size.div_ceil(window);
     let mut windows = 0u64;
-    while off < size {
-        let len = window.min(size - off);
-        map.populate(off, len as usize)?;
-        let b0 = off / bs;
-        let n = len.div_ceil(bs) as usize;
-        hash_blocks(
-            map.bytes(off, len as usize),
-            bs as usize,
-            seed,
-            &mut prints[..n],
-            threads,
-        );
-        map.check()?;
-        for (i, p) in prints[..n].iter().enumerate() {
-            let b = b0 + i as u64;
-            out.blocks_checked += 1;
-            if *p == want[b as usize] {
-                continue;
-            }
-            while plan.runs[run_i].block + plan.runs[run_i].count <= b {
-                run_i += 1;
-            }
-            let run = plan.runs[run_i];
-            let blen = plan.block_len(b) as usize;
-            let data: &[u8] = match reader.block(&run, b) {
-                None => &zeros[..blen],
-                Some(stored) => {
-                    buf.clear();
-                    reader.read(&mut buf, &[stored])?;
-                    &buf[..blen]
+    // The one windowed scan (shared with takes): prefetched, released behind.
+    crate::device::scan_windows(
+        &map,
+        size,
+        window,
+        &|| false,
+        |off, len| -> Result<(), RevertError> {
+            let len = len as u64;
+            let b0 = off / bs;
+            let n = len.div_ceil(bs) as usize;
+            hash_blocks(
+                map.bytes(off, len as usize),
+                bs as usize,
+                seed,
+                &mut prints[..n],
+                threads,
+            );
+            map.check()?;
+            for (i, p) in prints[..n].iter().enumerate() {
+                let b = b0 + i as u64;
+                out.blocks_checked += 1;
+                if *p == want[b as usize] {
+                    continue;
                 }
-            };
-            sys::pwrite_full(wfd, data, b * bs).map_err(werr(b * bs))?;
-            out.blocks_written += 1;
-            out.bytes_written += blen as u64;
-        }
-        map.release(off, len as usize);
-        if let Some(p) = progress {
-            p.done.store(off + len, Ordering::Relaxed);
-        }
-        off += len;
-        windows += 1;
-        if windows == nwin.div_ceil(2) {
-            crate::fault::point(crate::fault::Point::RevertMid);
-        }
-    }
+                while plan.runs[run_i].block + plan.runs[run_i].count <= b {
+                    run_i += 1;
+                }
+                let run = plan.runs[run_i];
+                let blen = plan.block_len(b) as usize;
+                let data: &[u8] = match reader.block(&run, b) {
+                    None => &zeros[..blen],
+                    Some(stored) => {
+                        buf.clear();
+                        reader.read(&mut buf, &[stored])?;
+                        &buf[..blen]
+                    }
+                };
+                sys::pwrite_full(wfd, data, b * bs).map_err(werr(b * bs))?;
+                out.blocks_written += 1;
+                out.bytes_written += blen as u64;
+            }
+            if let Some(p) = progress {
+                p.done.store(off + len, Ordering::Relaxed);
+            }
+            windows += 1;
+            if windows == nwin.div_ceil(2) {
+                crate::fault::point(crate::fault::Point::RevertMid);
+            }
+            Ok(())
+        },
+    )?;
     drop(map);
     src.file().sync_all().map_err(werr(0))?;
     let _ = sys::drop_cache(wfd, 0, size);

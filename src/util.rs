@@ -14,19 +14,16 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Write `bytes` to `path` atomically: temporary file, fsync, rename, fsync dir.
+/// Write `bytes` to `path` atomically and durably: a temporary file with a
+/// unique name created with `O_EXCL | O_NOFOLLOW` (mode 0600) in the same
+/// directory, fsync, rename over `path` (a symlink there is replaced, never
+/// followed), fsync of the directory. Concurrent writers of the same path
+/// never share a temporary file: the last rename wins, and each one's file
+/// is complete.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    sync_parent(path)
+    use std::os::fd::AsFd;
+    let (dir, name) = crate::statedir::open_parent(path)?;
+    crate::statedir::replace_atomically_at(dir.as_fd(), name, bytes)
 }
 
 /// Microseconds since the Unix epoch.
@@ -162,6 +159,70 @@ mod tests {
             error_chain(&e),
             "cannot open chain x: No such file or directory (os error 2)"
         );
+    }
+
+    #[test]
+    fn write_atomic_uses_unique_temporary_files_and_never_follows_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("precious");
+        std::fs::write(&target, b"keep").unwrap();
+        let p = dir.path().join("catalog.json");
+        // The temporary name older versions always used, planted as a link.
+        std::os::unix::fs::symlink(&target, dir.path().join("catalog.json.tmp")).unwrap();
+        write_atomic(&p, b"one").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        assert_eq!(std::fs::read(&p).unwrap(), b"one");
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // A link at the name itself is replaced, not written through.
+        std::os::unix::fs::symlink(&target, dir.path().join("intent.json")).unwrap();
+        write_atomic(&dir.path().join("intent.json"), b"two").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        // Many writers of one path at once: every read sees a whole file,
+        // none fails, and no temporary file is left behind.
+        write_atomic(&p, &[b'z'; 4096]).unwrap();
+        let p = std::sync::Arc::new(p);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (p, stop) = (p.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let b = std::fs::read(&*p).unwrap();
+                    assert!(
+                        b.len() == 4096 && b.iter().all(|&x| x == b[0]),
+                        "torn: {} bytes",
+                        b.len()
+                    );
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        let writers: Vec<_> = (0..8u8)
+            .map(|i| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        write_atomic(&p, &[b'a' + i; 4096]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".tmp") && n != "catalog.json.tmp")
+            .collect();
+        assert!(names.is_empty(), "left behind: {names:?}");
     }
 
     #[test]

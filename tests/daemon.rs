@@ -108,6 +108,42 @@ fn the_seeds_curl_call_works_with_only_the_url_changed() {
         done["blocksnap:freeze_ms"].as_f64().unwrap() > 0.0,
         "the mounted volume was not frozen"
     );
+    // How it was taken: the daemon tracks the volume from its start, so the
+    // first snapshot reads it whole in live rounds, then freezes briefly.
+    assert_eq!(done["blocksnap:taken"], "full-scan", "{done}");
+    assert_eq!(
+        done["blocksnap:full_scan_reason"], "first snapshot",
+        "{done}"
+    );
+    assert!(done["blocksnap:rounds"].as_u64().unwrap() >= 1, "{done}");
+    assert!(
+        done["blocksnap:quiesced_blocks"].as_u64().is_some(),
+        "{done}"
+    );
+    // A second one reads only what was written since.
+    std::fs::write(m.dir.join("more"), random_bytes(3, 64 << 10)).unwrap();
+    std::fs::File::open(m.dir.join("more"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    let r2 = d.call(
+        "POST",
+        "/snapshots",
+        Some(r#"{"snapshot": {"volume_id": "yourVolumeID"}}"#),
+    );
+    let id2 = r2.json()["snapshot"]["id"].as_str().unwrap().to_string();
+    let second = d.wait_snapshot(&id2);
+    assert_eq!(second["blocksnap:taken"], "tracked", "{second}");
+    assert!(
+        second["blocksnap:tracked_blocks"].as_u64().unwrap() >= 16,
+        "{second}"
+    );
+    let metrics = http(&d.socket, "GET", "/metrics", Some(TOKEN), None).body;
+    assert!(
+        metrics.contains("blocksnap_snapshots_tracked_total{volume=\"yourVolumeID\"} 1")
+            && metrics.contains("blocksnap_snapshots_full_scan_total{volume=\"yourVolumeID\"} 1"),
+        "{metrics}"
+    );
     // It restores to a clean filesystem holding the file. (Not compared byte
     // for byte with the live device: ext4 marks its superblock clean while
     // frozen and sets needs_recovery again when thawed.)

@@ -236,7 +236,10 @@ fn read_errors_fail_the_snapshot_naming_the_offset() {
     let d = DaemonProc::start("", &volume_toml(VOL, &vol.dev, ""));
     d.snapshot(VOL, "good");
     // Reads of 4 KiB at 40 MiB (free space of the filesystem) now fail.
+    // The daemon tracks writes, so its increment reads only written blocks:
+    // write that block (through the device) so the increment must read it.
     let at: u64 = 40 << 20;
+    write_at(&vol.dev, at, &random_bytes(7, 4096));
     bad.lock().unwrap().push((at, at + 4096));
     let r = d.call(
         "POST",

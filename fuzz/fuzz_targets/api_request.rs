@@ -34,7 +34,10 @@ fn world() -> &'static World {
         let config = Config::parse(&dir.join("c.toml"), &text).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let router = rt.block_on(async {
-            let engine = blocksnap::daemon::engine::HostEngine::new(Arc::new(blocksnap::quiesce::Host));
+            let engine = blocksnap::daemon::engine::HostEngine::new(
+                Arc::new(blocksnap::quiesce::Host),
+                &config,
+            );
             let d = Daemon::start(
                 config,
                 engine,

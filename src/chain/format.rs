@@ -328,6 +328,187 @@ pub struct SegStats {
     pub zero_bytes: u64,
     pub freeze_us: u64,
     pub scan_us: u64,
+    /// How the snapshot was taken; `None` in segments written before the
+    /// take record existed, and in tombstones.
+    pub take: Option<TakeRecord>,
+}
+
+/// How a snapshot was taken (docs/FORMAT.md, "Take record").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TakeRecord {
+    pub method: TakeMethod,
+    /// Why the whole device was read; [`FullReason::None`] for a tracked take.
+    pub reason: FullReason,
+    /// Passes over the device while it was live: the first pass and every
+    /// round re-reading what was written meanwhile (0: the device was
+    /// quiesced before the first pass).
+    pub rounds: u32,
+    /// Blocks read while the volume was live (first pass and rounds).
+    pub live_blocks: u64,
+    /// Blocks read while the volume was frozen, unmounted or held.
+    pub quiesced_blocks: u64,
+    /// Blocks tracking reported written since the previous snapshot.
+    pub tracked_blocks: u64,
+    /// Verification: blocks that differed from the previous snapshot
+    /// although tracking did not report them.
+    pub unmarked_blocks: u64,
+    /// The tracker instance (random per start; 0 without tracking).
+    pub generation: u64,
+    /// Microseconds of the live phase (before quiescing).
+    pub live_us: u64,
+}
+
+/// How the blocks of a snapshot were found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TakeMethod {
+    /// Every block of the device was read and compared.
+    #[default]
+    FullScan = 1,
+    /// Only the blocks tracking reported written were read.
+    Tracked = 2,
+    /// Every block was read and compared, and the result checked against
+    /// what tracking reported (verification).
+    Verified = 3,
+}
+
+impl TakeMethod {
+    fn from_u8(v: u8) -> Option<TakeMethod> {
+        Some(match v {
+            1 => TakeMethod::FullScan,
+            2 => TakeMethod::Tracked,
+            3 => TakeMethod::Verified,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TakeMethod::FullScan => "full-scan",
+            TakeMethod::Tracked => "tracked",
+            TakeMethod::Verified => "verified",
+        }
+    }
+}
+
+/// Why a snapshot read the whole device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FullReason {
+    #[default]
+    None = 0,
+    /// Asked for (`--full`).
+    Requested = 1,
+    /// The chain had no snapshot to compare with.
+    First = 2,
+    /// Write tracking is unavailable (no tracepoints, no permission).
+    Unavailable = 3,
+    /// The volume is a regular file, whose writes cannot be traced.
+    ImageFile = 4,
+    /// `blocksnap chain take` tracks only during its own run.
+    SingleRun = 5,
+    /// No snapshot was taken since tracking of the volume began (daemon start).
+    NotYetTracked = 6,
+    /// Tracking had a gap: lost records, a resized or replaced device, a
+    /// changed CPU set.
+    Gap = 7,
+    /// The chain's newest snapshot is not the one tracking counts from
+    /// (deleted, or taken by another program).
+    OtherBaseline = 8,
+    /// Every Nth snapshot checks tracking against a full diff.
+    Verification = 9,
+    /// Tracking had a gap during this take: the device was read whole
+    /// while quiesced.
+    GapDuringTake = 10,
+}
+
+impl FullReason {
+    fn from_u8(v: u8) -> Option<FullReason> {
+        use FullReason::*;
+        Some(match v {
+            0 => None,
+            1 => Requested,
+            2 => First,
+            3 => Unavailable,
+            4 => ImageFile,
+            5 => SingleRun,
+            6 => NotYetTracked,
+            7 => Gap,
+            8 => OtherBaseline,
+            9 => Verification,
+            10 => GapDuringTake,
+            _ => return Option::None,
+        })
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        use FullReason::*;
+        match self {
+            None => "",
+            Requested => "requested",
+            First => "first snapshot",
+            Unavailable => "write tracking unavailable",
+            ImageFile => "image file (writes to files cannot be traced)",
+            SingleRun => "chain take tracks only during its own run",
+            NotYetTracked => "no snapshot since tracking began",
+            Gap => "tracking had a gap",
+            OtherBaseline => "the newest snapshot is not the one tracking counts from",
+            Verification => "verification of tracking",
+            GapDuringTake => "tracking had a gap during the take",
+        }
+    }
+}
+
+/// Offset of the take record in the commit record, and its length.
+const TAKE_AT: usize = 192;
+const TAKE_LEN: usize = 64;
+const TAKE_VERSION: u16 = 1;
+
+fn encode_take(e: &mut Enc, t: &TakeRecord) {
+    let start = e.0.len();
+    e.0.extend_from_slice(&TAKE_VERSION.to_le_bytes());
+    e.0.extend_from_slice(&(TAKE_LEN as u16).to_le_bytes());
+    e.u8(t.method as u8);
+    e.u8(t.reason as u8);
+    e.bytes(&[0, 0]);
+    e.u32(t.rounds);
+    e.u64(t.live_blocks);
+    e.u64(t.quiesced_blocks);
+    e.u64(t.tracked_blocks);
+    e.u64(t.unmarked_blocks);
+    e.u64(t.generation);
+    e.u64(t.live_us);
+    let crc = crc32fast::hash(&e.0[start..]);
+    e.u32(crc);
+    debug_assert_eq!(e.0.len() - start, TAKE_LEN);
+}
+
+/// The take record of a commit record; `None` when absent (zeros: older
+/// writers), of a newer version, or not intact.
+fn decode_take(b: &[u8]) -> Option<TakeRecord> {
+    let r = b.get(TAKE_AT..TAKE_AT + TAKE_LEN)?;
+    let version = u16::from_le_bytes(r[0..2].try_into().ok()?);
+    let len = u16::from_le_bytes(r[2..4].try_into().ok()?) as usize;
+    if version != TAKE_VERSION || len != TAKE_LEN {
+        return None;
+    }
+    let stored = u32::from_le_bytes(r[TAKE_LEN - 4..].try_into().ok()?);
+    if crc32fast::hash(&r[..TAKE_LEN - 4]) != stored {
+        return None;
+    }
+    let mut d = Dec::new(&r[4..]);
+    let method = TakeMethod::from_u8(d.u8()?)?;
+    let reason = FullReason::from_u8(d.u8()?)?;
+    d.take(2)?;
+    Some(TakeRecord {
+        method,
+        reason,
+        rounds: d.u32()?,
+        live_blocks: d.u64()?,
+        quiesced_blocks: d.u64()?,
+        tracked_blocks: d.u64()?,
+        unmarked_blocks: d.u64()?,
+        generation: d.u64()?,
+        live_us: d.u64()?,
+    })
 }
 
 /// Descriptive facts of a snapshot, in the meta area after the commit record.
@@ -348,6 +529,7 @@ pub const COMMIT_LEN: usize = 512;
 
 /// What the first sector of a segment says.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // decoded once per segment on open; boxing buys nothing
 pub enum Commit {
     /// A valid commit record.
     Valid {
@@ -385,6 +567,10 @@ pub fn encode_commit(info: &SegInfo, stats: &SegStats, meta: &[u8]) -> Vec<u8> {
     e.u64(stats.scan_us);
     e.u32(meta.len() as u32);
     e.u32(crc32fast::hash(meta));
+    debug_assert_eq!(e.0.len(), TAKE_AT);
+    if let Some(t) = &stats.take {
+        encode_take(&mut e, t);
+    }
     e.0.resize(COMMIT_LEN - 4, 0);
     e.crc();
     e.0
@@ -425,6 +611,7 @@ pub fn decode_commit(b: &[u8]) -> Commit {
             zero_bytes: d.u64()?,
             freeze_us: d.u64()?,
             scan_us: d.u64()?,
+            take: decode_take(b),
         };
         let meta_len = d.u32()?;
         let meta_crc = d.u32()?;
@@ -729,9 +916,31 @@ mod tests {
         let stats = SegStats {
             created_us: 5,
             changed_bytes: 4096,
+            take: Some(TakeRecord {
+                method: TakeMethod::Tracked,
+                reason: FullReason::None,
+                rounds: 3,
+                live_blocks: 1000,
+                quiesced_blocks: 7,
+                tracked_blocks: 900,
+                unmarked_blocks: 0,
+                generation: 0xfeed,
+                live_us: 12345,
+            }),
             ..Default::default()
         };
         let seg = info();
+        // Without a take record (as every older segment) the area is zero.
+        let plain = SegStats {
+            take: None,
+            ..stats
+        };
+        let pc = encode_commit(&seg, &plain, &[]);
+        assert!(pc[TAKE_AT..COMMIT_LEN - 4].iter().all(|&b| b == 0));
+        assert!(matches!(decode_commit(&pc), Commit::Valid { stats, .. } if stats.take.is_none()));
+        for r in 0..=10u8 {
+            assert_eq!(FullReason::from_u8(r).map(|x| x as u8), Some(r));
+        }
         let c = encode_commit(&seg, &stats, &mb);
         assert_eq!(c.len(), COMMIT_LEN);
         assert_eq!(
@@ -815,6 +1024,17 @@ mod tests {
         huge.extend_from_slice(&0u32.to_le_bytes());
         huge.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(Index::decode(&huge).is_none());
+    }
+
+    /// Commit records written before the take record existed (the fuzz
+    /// seed) still decode, as having no take record.
+    #[test]
+    fn old_commit_records_read_without_a_take_record() {
+        let seed = include_bytes!("../../fuzz/seeds/chain_records/commit");
+        match decode_commit(seed) {
+            Commit::Valid { stats, .. } => assert_eq!(stats.take, None),
+            other => panic!("the seed no longer decodes: {other:?}"),
+        }
     }
 
     #[test]

@@ -129,6 +129,9 @@ pub struct Snapshot {
     pub full: bool,
     pub source: SourceId,
     pub source_path: String,
+    /// How it was taken (tracked or full scan, rounds, blocks re-read while
+    /// quiesced); `None` for snapshots taken before the record existed.
+    pub take: Option<TakeRecord>,
     /// Set when the defining segment's header, meta or footer is damaged.
     pub damaged: Option<String>,
 }

@@ -563,6 +563,7 @@ impl Chain {
             full: seg.info.is_full(),
             source: meta.source,
             source_path: meta.source_path,
+            take: stats.take,
             damaged,
         }
     }

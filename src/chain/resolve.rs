@@ -1,14 +1,13 @@
 //! Resolving a snapshot into the runs of blocks that make up its image.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use uuid::Uuid;
 
 use super::format::*;
 use super::{Chain, ChainError, Snapshot};
-use crate::fingerprint::{FingerprintMap, ZeroPrints};
+use crate::fingerprint::ZeroPrints;
 
 /// Where one run of a snapshot's image comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,22 +59,29 @@ impl Plan {
 
     /// The fingerprint of every block of the image.
     pub fn fingerprints(&self, seed: u64) -> Vec<u64> {
-        let bs = self.block_size as u64;
-        let n = self.device_size().div_ceil(bs);
-        let zero = ZeroPrints::new(seed, self.block_size as usize);
+        let n = self.device_size().div_ceil(self.block_size as u64);
         let mut out = vec![0u64; n as usize];
+        self.visit_fingerprints(seed, |b, p| out[b as usize] = p);
+        out
+    }
+
+    /// Call `f(block, fingerprint)` for every block of the image, in order.
+    pub fn visit_fingerprints(&self, seed: u64, mut f: impl FnMut(u64, u64)) {
+        let zero = ZeroPrints::new(seed, self.block_size as usize);
         for r in &self.runs {
             for i in 0..r.count {
                 let b = r.block + i;
-                out[b as usize] = match r.source {
-                    Origin::Zero => zero.get(self.block_len(b) as usize),
-                    Origin::Data { segment, meta, .. } => {
-                        self.indexes[&segment].prints[meta as usize + i as usize]
-                    }
-                };
+                f(
+                    b,
+                    match r.source {
+                        Origin::Zero => zero.get(self.block_len(b) as usize),
+                        Origin::Data { segment, meta, .. } => {
+                            self.indexes[&segment].prints[meta as usize + i as usize]
+                        }
+                    },
+                );
             }
         }
-        out
     }
 }
 
@@ -165,43 +171,6 @@ impl Chain {
             }),
             None => Ok(plan),
         }
-    }
-
-    /// The fingerprint map of the newest snapshot: from the side file when it
-    /// matches, otherwise rebuilt from the chain's indexes.
-    pub fn newest_fingerprints(
-        &self,
-        side_file: &Path,
-    ) -> Result<Option<FingerprintMap>, ChainError> {
-        let Some(newest) = self.newest() else {
-            return Ok(None);
-        };
-        match FingerprintMap::load(side_file, self.chain_id()) {
-            Ok(Some(m))
-                if m.snapshot_id == newest.id
-                    && m.device_size == newest.device_size
-                    && m.block_size == self.block_size()
-                    && m.seed == self.seed()
-                    && m.prints.len() as u64
-                        == newest.device_size.div_ceil(self.block_size() as u64) =>
-            {
-                return Ok(Some(m));
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(
-                "{}; rebuilding it from the chain",
-                crate::util::error_chain(&e)
-            ),
-        }
-        let plan = self.resolve(newest.id)?;
-        Ok(Some(FingerprintMap {
-            chain_id: self.chain_id(),
-            snapshot_id: newest.id,
-            device_size: newest.device_size,
-            block_size: self.block_size(),
-            seed: self.seed(),
-            prints: plan.fingerprints(self.seed()),
-        }))
     }
 }
 

@@ -37,8 +37,19 @@ pub struct SegmentWriter<'c> {
     meta_bytes: Vec<u8>,
     data_pos: u64,
     index: Index,
+    /// Blocks appended out of order or again (a take's later rounds): the
+    /// newest definition of each, merged over `index` at commit.
+    overrides: std::collections::BTreeMap<u64, Override>,
     behind: WriteBehind,
     done: bool,
+}
+
+/// A block defined after the in-order appends passed it.
+#[derive(Clone, Copy, Debug)]
+struct Override {
+    location: Location,
+    print: u64,
+    crc: u32,
 }
 
 impl<'c> SegmentWriter<'c> {
@@ -80,6 +91,7 @@ impl<'c> SegmentWriter<'c> {
                 removes: plan.removes.clone(),
                 ..Default::default()
             },
+            overrides: Default::default(),
             plan,
             behind: WriteBehind::new(data_pos),
             done: false,
@@ -113,6 +125,19 @@ impl<'c> SegmentWriter<'c> {
         sys::pwrite_full(self.chain.file.as_fd(), data, off).map_err(self.werr())?;
         self.data_pos += data.len() as u64;
         self.behind.wrote(self.chain.file.as_fd(), self.data_pos);
+        if first < self.in_order_end() {
+            for (i, (p, block)) in prints.iter().zip(data.chunks(bs)).enumerate() {
+                self.overrides.insert(
+                    first + i as u64,
+                    Override {
+                        location: Location::Data(off + (i * bs) as u64),
+                        print: *p,
+                        crc: crc32fast::hash(block),
+                    },
+                );
+            }
+            return Ok(());
+        }
         let meta = self.index.prints.len();
         self.index.prints.extend_from_slice(prints);
         self.index.crcs.extend(data.chunks(bs).map(crc32fast::hash));
@@ -122,7 +147,100 @@ impl<'c> SegmentWriter<'c> {
 
     /// Record `count` all-zero blocks starting at `first`.
     pub fn append_zero(&mut self, first: u64, count: u64) {
+        if first < self.in_order_end() {
+            for b in first..first + count {
+                self.overrides.insert(
+                    b,
+                    Override {
+                        location: Location::Zero,
+                        print: 0,
+                        crc: 0,
+                    },
+                );
+            }
+            return;
+        }
         self.push(first, count, Location::Zero, 0);
+    }
+
+    /// The block after the last one appended in order.
+    fn in_order_end(&self) -> u64 {
+        self.index.extents.last().map_or(0, |x| x.end_block())
+    }
+
+    /// Merge the blocks appended out of order over the in-order index.
+    fn merge_overrides(&mut self) {
+        if self.overrides.is_empty() {
+            return;
+        }
+        let bs = self.chain.block_size() as u64;
+        let base = std::mem::take(&mut self.index);
+        self.index.removes = base.removes.clone();
+        let overrides = std::mem::take(&mut self.overrides);
+        let mut ov = overrides.into_iter().peekable();
+        let emit_ov = |w: &mut Self, b: u64, o: Override| match o.location {
+            Location::Zero => w.push(b, 1, Location::Zero, 0),
+            Location::Data(_) => {
+                let meta = w.index.prints.len() as u32;
+                w.index.prints.push(o.print);
+                w.index.crcs.push(o.crc);
+                w.push(b, 1, o.location, meta);
+            }
+        };
+        for x in &base.extents {
+            let mut b = x.block;
+            while b < x.end_block() {
+                while let Some((k, o)) = ov.next_if(|(k, _)| *k < b) {
+                    emit_ov(self, k, o);
+                }
+                let next = ov
+                    .peek()
+                    .map(|(k, _)| *k)
+                    .filter(|k| *k < x.end_block())
+                    .unwrap_or(x.end_block());
+                if next > b {
+                    let d = b - x.block;
+                    match x.location {
+                        Location::Zero => self.push(b, next - b, Location::Zero, 0),
+                        Location::Data(off) => {
+                            let m = (x.meta as u64 + d) as usize;
+                            let n = (next - b) as usize;
+                            let meta = self.index.prints.len() as u32;
+                            self.index.prints.extend_from_slice(&base.prints[m..m + n]);
+                            self.index.crcs.extend_from_slice(&base.crcs[m..m + n]);
+                            self.push(b, next - b, Location::Data(off + d * bs), meta);
+                        }
+                    }
+                }
+                if next < x.end_block() {
+                    let (k, o) = ov.next().expect("peeked");
+                    emit_ov(self, k, o);
+                    b = next + 1;
+                } else {
+                    b = x.end_block();
+                }
+            }
+        }
+        for (k, o) in ov {
+            emit_ov(self, k, o);
+        }
+    }
+
+    /// Bytes of the blocks this segment defines, and of those the all-zero
+    /// ones (what a snapshot records as changed and zero bytes).
+    pub fn defined_bytes(&mut self) -> (u64, u64) {
+        self.merge_overrides();
+        let bs = self.chain.block_size() as u64;
+        let size = self.plan.device_size;
+        let (mut all, mut zero) = (0u64, 0u64);
+        for x in &self.index.extents {
+            let n = (x.end_block() * bs).min(size).saturating_sub(x.block * bs);
+            all += n;
+            if x.location == Location::Zero {
+                zero += n;
+            }
+        }
+        (all, zero)
     }
 
     /// Record blocks already stored elsewhere in the chain (a merge), with
@@ -203,6 +321,7 @@ impl<'c> SegmentWriter<'c> {
     /// Write index and footer, make them durable, then write and sync the
     /// commit record. Returns the committed segment's facts.
     pub fn commit(mut self, stats: SegStats) -> Result<SegInfo, ChainError> {
+        self.merge_overrides();
         let index_bytes = self.index.encode();
         let data_len = self.data_len();
         let len = crate::util::round_up(
@@ -267,5 +386,76 @@ impl Drop for SegmentWriter<'_> {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::Origin;
+
+    /// Blocks defined again or out of order (a take's later rounds) win over
+    /// the in-order appends, and every block is defined once.
+    #[test]
+    fn later_definitions_override_earlier_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        let mut chain = Chain::open_or_create(&path, None).unwrap();
+        let id = Uuid::new_v4();
+        let plan = SegmentPlan {
+            kind: SegmentKind::Snapshot,
+            snapshot_id: id,
+            seq: 1,
+            device_size: 30 * 4096,
+            full: true,
+            meta: SegMeta::default(),
+            removes: Vec::new(),
+        };
+        let block = |v: u8| vec![v; 4096];
+        let mut w = SegmentWriter::begin(&mut chain, plan).unwrap();
+        let mut data = Vec::new();
+        for v in 0..5u8 {
+            data.extend(block(v + 1));
+        }
+        w.append_data(0, &data, &[1, 2, 3, 4, 5]).unwrap();
+        w.append_zero(5, 25);
+        // Round two: block 2 changed, block 3 became zero, block 7 (inside
+        // the zero run) got data.
+        w.append_data(2, &block(33), &[33]).unwrap();
+        w.append_zero(3, 1);
+        w.append_data(7, &block(77), &[77]).unwrap();
+        // Round three: block 2 again.
+        w.append_data(2, &block(99), &[99]).unwrap();
+        let (all, zero) = w.defined_bytes();
+        assert_eq!(all, 30 * 4096);
+        // 5..30 zero, less block 7 (data), plus block 3.
+        assert_eq!(zero, 25 * 4096);
+        w.commit(SegStats::default()).unwrap();
+        let plan = chain.resolve(id).unwrap();
+        let prints = plan.fingerprints(chain.seed());
+        assert_eq!(&prints[..3], &[1, 2, 99]);
+        assert_eq!(prints[4], 5);
+        assert_eq!(prints[7], 77);
+        let mut covered = 0;
+        for r in &plan.runs {
+            covered += r.count;
+            if r.block <= 3 && 3 < r.block + r.count {
+                assert_eq!(r.source, Origin::Zero);
+            }
+        }
+        assert_eq!(covered, 30);
+        // The data of block 2 is round three's.
+        let r = plan
+            .runs
+            .iter()
+            .find(|r| r.block <= 2 && 2 < r.block + r.count)
+            .unwrap();
+        let Origin::Data { offset, .. } = r.source else {
+            panic!("block 2 is not data")
+        };
+        let mut b = vec![0u8; 4096];
+        let at = offset + (2 - r.block) * 4096;
+        sys::pread_full(chain.file().as_fd(), &mut b, at).unwrap();
+        assert_eq!(b, block(99));
     }
 }

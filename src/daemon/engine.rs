@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::chain::format::TakeRecord;
 use crate::chain::{self, Access, Chain, ChainError};
 use crate::device::DeviceError;
 use crate::quiesce;
@@ -35,6 +36,10 @@ pub struct TakeJob {
     pub metadata: BTreeMap<String, String>,
     pub block_size: Option<u32>,
     pub quiesce: quiesce::Options,
+    /// Write tracking watches the volume between takes (`track_writes`).
+    pub tracked: bool,
+    /// Every this many snapshots, a full diff checks tracking (0: never).
+    pub verify_every: u32,
 }
 
 /// What a take did.
@@ -47,6 +52,8 @@ pub struct Taken {
     pub duration: Duration,
     /// How the volume was quiesced, for the log.
     pub quiesce: String,
+    /// How it was taken (tracked or a full scan, rounds, ...).
+    pub record: TakeRecord,
 }
 
 /// A live snapshot as its chain file holds it.
@@ -159,6 +166,8 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         progress: &Arc<Progress>,
         cancel: &Arc<AtomicBool>,
     ) -> Result<Taken, EngineError>;
+    /// How a snapshot in a chain was taken, if the chain records it.
+    fn take_record(&self, chain: &Path, id: Uuid) -> Option<TakeRecord>;
     /// Delete a snapshot from its chain; `None` if it was not there.
     fn delete_snapshot(&self, chain: &Path, id: Uuid) -> Result<Option<Deleted>, EngineError>;
     /// Make `device` hold snapshot `id` again, writing only what differs.
@@ -188,9 +197,11 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
 }
 
 /// The real host.
-#[derive(Clone)]
 pub struct HostEngine {
     pub sys: Arc<dyn quiesce::System>,
+    /// Write tracking of the configured volumes, from the start.
+    pub tracker: Arc<crate::track::Registry>,
+    take_records: super::takes::TakeRecords,
 }
 
 impl std::fmt::Debug for HostEngine {
@@ -200,8 +211,26 @@ impl std::fmt::Debug for HostEngine {
 }
 
 impl HostEngine {
-    pub fn new(sys: Arc<dyn quiesce::System>) -> Arc<HostEngine> {
-        Arc::new(HostEngine { sys })
+    /// The host, tracking writes to the configured volumes that ask for it
+    /// from now on.
+    pub fn new(sys: Arc<dyn quiesce::System>, config: &crate::config::Config) -> Arc<HostEngine> {
+        let tracker = Arc::new(crate::track::Registry::start(
+            &config
+                .volumes
+                .iter()
+                .filter(|v| v.track_writes)
+                .map(|v| crate::track::Target {
+                    volume: v.id.clone(),
+                    path: v.device.clone(),
+                })
+                .collect::<Vec<_>>(),
+            &Default::default(),
+        ));
+        Arc::new(HostEngine {
+            sys,
+            tracker,
+            take_records: Default::default(),
+        })
     }
 }
 
@@ -277,6 +306,15 @@ impl Engine for HostEngine {
             progress: Some(progress.clone()),
             cancel: Some(cancel.clone()),
             tuning: Default::default(),
+            tracking: if job.tracked {
+                crate::take::Tracking::Shared {
+                    registry: self.tracker.clone(),
+                    volume: job.volume.clone(),
+                }
+            } else {
+                crate::take::Tracking::Off
+            },
+            verify_every: job.verify_every,
         };
         let out = crate::take::take(self.sys.clone(), &job.device, &job.chain, &opts)?;
         Ok(Taken {
@@ -286,7 +324,12 @@ impl Engine for HostEngine {
             freeze: out.freeze,
             duration: out.duration,
             quiesce: out.quiesce,
+            record: out.record,
         })
+    }
+
+    fn take_record(&self, chain: &Path, id: Uuid) -> Option<TakeRecord> {
+        self.take_records.get(chain, id)
     }
 
     fn delete_snapshot(&self, path: &Path, id: Uuid) -> Result<Option<Deleted>, EngineError> {

@@ -20,6 +20,12 @@ pub struct VolumeCounters {
     pub last_snapshot_seconds: f64,
     pub last_snapshot_timestamp: f64,
     pub revert_blocks_written: u64,
+    pub snapshots_tracked: u64,
+    pub snapshots_full_scan: u64,
+    pub verifications: u64,
+    pub unmarked_blocks: u64,
+    pub last_rounds: f64,
+    pub last_quiesced_blocks: f64,
 }
 
 /// All counters since the daemon started.
@@ -45,6 +51,18 @@ impl Metrics {
             c.last_freeze_seconds = out.freeze.as_secs_f64();
             c.last_snapshot_seconds = out.duration.as_secs_f64();
             c.last_snapshot_timestamp = crate::util::now_micros() as f64 / 1e6;
+            use crate::chain::format::TakeMethod;
+            match out.record.method {
+                TakeMethod::Tracked => c.snapshots_tracked += 1,
+                TakeMethod::FullScan => c.snapshots_full_scan += 1,
+                TakeMethod::Verified => {
+                    c.snapshots_full_scan += 1;
+                    c.verifications += 1;
+                }
+            }
+            c.unmarked_blocks += out.record.unmarked_blocks;
+            c.last_rounds = out.record.rounds as f64;
+            c.last_quiesced_blocks = out.record.quiesced_blocks as f64;
         });
     }
 
@@ -139,6 +157,48 @@ impl Metrics {
             "gauge",
             "Unix time the last snapshot became available.",
             &|c| c.last_snapshot_timestamp,
+        );
+        metric(
+            &mut out,
+            "snapshots_tracked_total",
+            "counter",
+            "Snapshots that read only the blocks write tracking reported.",
+            &|c| c.snapshots_tracked as f64,
+        );
+        metric(
+            &mut out,
+            "snapshots_full_scan_total",
+            "counter",
+            "Snapshots that read the whole device (no tracking, a gap, a verification).",
+            &|c| c.snapshots_full_scan as f64,
+        );
+        metric(
+            &mut out,
+            "tracking_verifications_total",
+            "counter",
+            "Snapshots that checked write tracking against a full diff.",
+            &|c| c.verifications as f64,
+        );
+        metric(
+            &mut out,
+            "tracking_unmarked_blocks_total",
+            "counter",
+            "Blocks a verification found changed that write tracking had not reported.",
+            &|c| c.unmarked_blocks as f64,
+        );
+        metric(
+            &mut out,
+            "last_precopy_rounds",
+            "gauge",
+            "Live rounds of the last snapshot before it quiesced the volume.",
+            &|c| c.last_rounds,
+        );
+        metric(
+            &mut out,
+            "last_quiesced_blocks",
+            "gauge",
+            "Blocks the last snapshot read while the volume was quiesced.",
+            &|c| c.last_quiesced_blocks,
         );
         metric(
             &mut out,

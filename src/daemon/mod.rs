@@ -14,13 +14,13 @@ pub mod api;
 pub mod catalog;
 pub mod claims;
 pub mod engine;
-pub mod json_store;
 pub mod metrics;
 pub mod ops;
 mod reconcile;
 pub mod server;
 pub mod sim;
 pub mod store;
+pub mod takes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -52,6 +52,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    UnsafeStateDir(#[from] crate::statedir::StateDirError),
     #[error("another blocksnapd is running with state directory {path} (it holds {path}/blocksnapd.lock)")]
     AlreadyRunning { path: PathBuf },
     #[error(transparent)]
@@ -167,25 +169,17 @@ impl Daemon {
         open_store: Box<OpenStore<'_>>,
     ) -> Result<Arc<Daemon>, StartError> {
         let state = config.state_dir.clone();
-        for d in [
-            &state,
-            &state.join("chains"),
-            &state.join("volumes"),
-            &state.join("freeze-intents"),
-        ] {
-            std::fs::create_dir_all(d).map_err(|source| StartError::StateDir {
-                path: d.clone(),
-                source,
-            })?;
+        // Owned by us, nobody else can write in it, no symlink followed.
+        let state_dir = crate::statedir::StateDir::open(&state)?;
+        for sub in crate::statedir::DAEMON_SUBDIRS {
+            state_dir.subdir(sub)?;
         }
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700));
         let lock_path = state.join("blocksnapd.lock");
-        let lock_file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
+        let lock_file = state_dir
+            .open_nofollow(
+                "blocksnapd.lock",
+                nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CREAT,
+            )
             .map_err(|source| StartError::StateDir {
                 path: lock_path.clone(),
                 source,

@@ -476,7 +476,12 @@ impl Engine for SimEngine {
             freeze: Duration::from_millis(1),
             duration: Duration::from_millis(2),
             quiesce: "simulated".into(),
+            record: Default::default(),
         })
+    }
+
+    fn take_record(&self, _chain: &Path, _id: Uuid) -> Option<crate::chain::format::TakeRecord> {
+        None
     }
 
     fn delete_snapshot(&self, chain: &Path, id: Uuid) -> Result<Option<Deleted>, EngineError> {

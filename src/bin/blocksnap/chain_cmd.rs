@@ -11,7 +11,7 @@ use blocksnap::chain::restore::{restore, RestoreOptions};
 use blocksnap::chain::verify::verify;
 use blocksnap::chain::{delete::delete, Access, Chain, Snapshot};
 use blocksnap::quiesce::{self, Mode, QuiesceError};
-use blocksnap::take::{take, Progress, TakeError, TakeOptions};
+use blocksnap::take::{take, Progress, TakeError, TakeOptions, Tracking};
 use blocksnap::util::{format_timestamp, human_bytes};
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -49,6 +49,8 @@ pub enum ChainCommand {
     },
     /// Delete one snapshot; every other snapshot still restores exactly as before
     Delete { chain: PathBuf, snapshot_id: String },
+    /// Back up snapshot SNAPSHOT_ID of CHAIN to a remote (what changed since the volume's last backup); prints the backup id last
+    Backup(crate::backup_cmd::ChainBackupArgs),
 }
 
 #[derive(Args, Debug)]
@@ -85,6 +87,10 @@ pub struct TakeArgs {
     /// Print the outcome as JSON (the id is still the last line)
     #[arg(long)]
     json: bool,
+    /// Do not trace writes during the scan: keep the volume quiesced for the
+    /// whole scan (as before tracking existed)
+    #[arg(long)]
+    no_tracking: bool,
 }
 
 pub fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -110,6 +116,24 @@ struct ListEntry {
     source: String,
     metadata: BTreeMap<String, String>,
     damaged: Option<String>,
+    /// How it was taken; absent for snapshots older than the take record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    take: Option<TakeEntry>,
+}
+
+/// The take record as `chain list --json` prints it.
+#[derive(Serialize)]
+struct TakeEntry {
+    method: &'static str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    full_scan_reason: &'static str,
+    rounds: u32,
+    live_blocks: u64,
+    quiesced_blocks: u64,
+    tracked_blocks: u64,
+    unmarked_blocks: u64,
+    live_ms: f64,
+    tracker_generation: String,
 }
 
 fn entry(s: &Snapshot) -> ListEntry {
@@ -128,6 +152,17 @@ fn entry(s: &Snapshot) -> ListEntry {
         source: s.source_path.clone(),
         metadata: s.metadata.clone(),
         damaged: s.damaged.clone(),
+        take: s.take.map(|t| TakeEntry {
+            method: t.method.as_str(),
+            full_scan_reason: t.reason.as_str(),
+            rounds: t.rounds,
+            live_blocks: t.live_blocks,
+            quiesced_blocks: t.quiesced_blocks,
+            tracked_blocks: t.tracked_blocks,
+            unmarked_blocks: t.unmarked_blocks,
+            live_ms: t.live_us as f64 / 1000.0,
+            tracker_generation: format!("{:016x}", t.generation),
+        }),
     }
 }
 
@@ -148,7 +183,7 @@ fn progress_bar(total: u64, what: &str) -> Option<indicatif::ProgressBar> {
 }
 
 /// Run `work` while a progress bar (on a terminal) follows `done`/`total`.
-fn with_progress<T>(
+pub(crate) fn with_progress<T>(
     what: &str,
     total: impl Fn() -> u64 + Send + Sync,
     done: impl Fn() -> u64 + Send + Sync,
@@ -279,6 +314,7 @@ pub fn run(cmd: ChainCommand) -> Result<(), Failure> {
                 })
             }
         }
+        ChainCommand::Backup(a) => crate::backup_cmd::chain_backup(a),
         ChainCommand::Delete { chain, snapshot_id } => {
             let mut c = Chain::open(&chain, Access::Write)?;
             let id = c.find(&snapshot_id)?.id;
@@ -295,8 +331,8 @@ pub fn run(cmd: ChainCommand) -> Result<(), Failure> {
 
 fn print_table(c: &Chain) {
     println!(
-        "{:<36}  {:<16}  {:<26}  {:>10}  {:>10}  {:>10}  {:>9}",
-        "ID", "NAME", "CREATED", "SIZE", "CHANGED", "STORED", "FREEZE"
+        "{:<36}  {:<16}  {:<26}  {:>10}  {:>10}  {:>10}  {:>9}  {:<9}",
+        "ID", "NAME", "CREATED", "SIZE", "CHANGED", "STORED", "FREEZE", "TAKEN"
     );
     for s in c.snapshots() {
         let mut name = s.name.clone();
@@ -304,7 +340,7 @@ fn print_table(c: &Chain) {
             name = name.chars().take(15).collect::<String>() + "…";
         }
         println!(
-            "{:<36}  {:<16}  {:<26}  {:>10}  {:>10}  {:>10}  {:>9}{}",
+            "{:<36}  {:<16}  {:<26}  {:>10}  {:>10}  {:>10}  {:>9}  {:<9}{}",
             s.id,
             name,
             format_timestamp(s.created_us),
@@ -312,6 +348,7 @@ fn print_table(c: &Chain) {
             human_bytes(s.changed_bytes),
             human_bytes(s.stored_bytes),
             format!("{:.1}ms", s.freeze_us as f64 / 1000.0),
+            s.take.map_or("-", |t| t.method.as_str()),
             if s.damaged.is_some() { "  DAMAGED" } else { "" }
         );
     }
@@ -339,6 +376,13 @@ fn take_cmd(a: TakeArgs) -> Result<(), Failure> {
             keep_off: Vec::new(),
         },
         progress: Some(progress.clone()),
+        // Tracking during this run keeps the freeze short; nothing tracks
+        // between runs, so the device is still read whole.
+        tracking: if a.no_tracking {
+            Tracking::Off
+        } else {
+            Tracking::SingleRun
+        },
         ..Default::default()
     };
     let r = with_progress(
@@ -367,6 +411,11 @@ fn take_cmd(a: TakeArgs) -> Result<(), Failure> {
                     serde_json::to_string_pretty(&o).expect("serialisable")
                 );
             } else {
+                if out.record.method == blocksnap::chain::format::TakeMethod::FullScan
+                    && out.record.reason == blocksnap::chain::format::FullReason::SingleRun
+                {
+                    eprintln!("note: read the whole device: `blocksnap chain take` cannot track writes between runs (blocksnapd does); it tracked writes during this run to keep the freeze short");
+                }
                 println!(
                     "snapshot of {} ({}): {} changed, {} stored, frozen {:.1} ms, took {:.2} s; {}",
                     a.device.display(),

@@ -2,6 +2,7 @@
 //! files directly (no daemon needed: restores on any host); the other
 //! commands talk to a running `blocksnapd`.
 
+mod backup_cmd;
 mod chain_cmd;
 mod client_cmd;
 mod thaw_cmd;
@@ -33,6 +34,9 @@ enum Command {
     /// Work directly on chain files (take, list, restore, verify, delete)
     #[command(subcommand)]
     Chain(chain_cmd::ChainCommand),
+    /// Backups on S3-compatible remotes, used directly (restore, verify, list, show, delete, gc, unlock)
+    #[command(subcommand)]
+    Backup(backup_cmd::BackupCommand),
     /// Thaw filesystems left frozen by a blocksnap process that died
     Thaw(thaw_cmd::ThawArgs),
     /// Snapshots through blocksnapd (create, list, show, delete)
@@ -54,6 +58,12 @@ enum Command {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BLOCKSNAP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // The HTTP client's own log shows signed URLs (with the access key id)
+    // at its trace level: never let it through.
+    let filter = ["ureq=off", "ureq_proto=off"]
+        .iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, |f, d| f.add_directive(d));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -83,6 +93,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Chain(c) => chain_cmd::run(c),
+        Command::Backup(c) => backup_cmd::run(c),
         Command::Thaw(a) => thaw_cmd::run(a),
         Command::Snapshot { command, client } => client_cmd::snapshot(command, client),
         Command::Volume { command, client } => client_cmd::volume(command, client),

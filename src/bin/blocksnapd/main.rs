@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use blocksnap::config::{Config, DEFAULT_CONFIG};
 use blocksnap::daemon::engine::HostEngine;
-use blocksnap::daemon::json_store::JsonStore;
+use blocksnap::daemon::store::SqliteStore;
 use blocksnap::daemon::store::Store;
 use blocksnap::daemon::{server, Daemon};
 use blocksnap::util::error_chain;
@@ -82,8 +82,21 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        // The state directory as the daemon would find it at start.
+        let state = match blocksnap::statedir::check(&config.state_dir) {
+            Ok(blocksnap::statedir::CheckOutcome::Ok) => "",
+            Ok(blocksnap::statedir::CheckOutcome::WouldCreate) => ", created at start",
+            Err(e) => {
+                eprintln!(
+                    "blocksnapd: error: {}: {}",
+                    args.config.display(),
+                    error_chain(&e)
+                );
+                return ExitCode::FAILURE;
+            }
+        };
         println!(
-            "{}: ok ({} volume(s), {} token(s), socket {}, state in {})",
+            "{}: ok ({} volume(s), {} token(s), socket {}, state in {}{state})",
             args.config.display(),
             config.volumes.len(),
             config.tokens.len(),
@@ -104,13 +117,17 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async {
-        let engine = HostEngine::new(Arc::new(blocksnap::quiesce::Host));
-        // The catalog (TEMPORARY: the JSON adapter until the durable store
-        // is wired here).
+        let engine = HostEngine::new(Arc::new(blocksnap::quiesce::Host), &config);
+        // The catalog: SQLite in the state directory, with notes beside
+        // the chains to rebuild it from if it is ever lost.
         let d = Daemon::start(
             config,
             engine,
-            Box::new(|dir| Ok(Arc::new(JsonStore::open(dir)?) as Arc<dyn Store>)),
+            Box::new(|dir| {
+                let (store, report) = SqliteStore::open_path(dir)?;
+                report.log();
+                Ok(Arc::new(store) as Arc<dyn Store>)
+            }),
         )?;
         let l = server::listen(&d)?;
         if let Some(demo) = &demo {

@@ -74,6 +74,11 @@ pub(super) fn detail(s: &Snapshot, tenant: &str) -> Map<String, Value> {
         m.insert("blocksnap:changed_bytes".into(), json!(r.changed_bytes));
         m.insert("blocksnap:stored_bytes".into(), json!(r.stored_bytes));
         m.insert("blocksnap:freeze_ms".into(), json!(r.freeze_ms));
+        if let Some(t) = &s.take {
+            for (k, v) in crate::daemon::takes::detail_keys(t) {
+                m.insert(k.into(), v);
+            }
+        }
     }
     if let Some(e) = &r.error {
         m.insert("blocksnap:error".into(), json!(e));

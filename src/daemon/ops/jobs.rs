@@ -138,6 +138,11 @@ pub(crate) fn take(d: &Daemon, claim: &JobClaim, job: TakeJob) {
                 stored_bytes = out.stored_bytes,
                 freeze_ms = out.freeze.as_secs_f64() * 1000.0,
                 duration_ms = out.duration.as_secs_f64() * 1000.0,
+                taken = out.record.method.as_str(),
+                full_scan_reason = out.record.reason.as_str(),
+                rounds = out.record.rounds,
+                quiesced_blocks = out.record.quiesced_blocks,
+                tracked_blocks = out.record.tracked_blocks,
                 quiesce = %out.quiesce,
                 "snapshot available"
             );

@@ -61,12 +61,15 @@ impl Ops {
     }
 }
 
-/// A snapshot as an operation returns it: its record and live progress.
+/// A snapshot as an operation returns it: its record, live progress, and
+/// how it was taken.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Snapshot {
     pub record: SnapshotRecord,
     /// Percent done while it is being taken.
     pub progress: Option<f64>,
+    /// How an available snapshot was taken (from its chain).
+    pub take: Option<crate::chain::format::TakeRecord>,
 }
 
 /// What a volume is doing, as the API names it.
@@ -398,7 +401,18 @@ impl Ops {
                 .map(|p| p.percent()),
             _ => None,
         };
-        Snapshot { record, progress }
+        let take = match record.status {
+            SnapStatus::Available => self
+                .d
+                .engine
+                .take_record(&self.d.chain_path(&record.volume_id), record.id),
+            _ => None,
+        };
+        Snapshot {
+            record,
+            progress,
+            take,
+        }
     }
 
     /// A volume's live state.

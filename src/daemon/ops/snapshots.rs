@@ -143,6 +143,8 @@ impl Ops {
             Ok(())
         })?;
         tracing::info!(volume = %vol.id, snapshot = %id, force = req.force, "snapshot requested");
+        // Made volumes are not tracked (they are not in the config).
+        let cfg = d.config.volumes.iter().find(|c| c.id == vol.id);
         let mut keep_off = vec![d.config.state_dir.clone(), d.config.socket.clone()];
         keep_off.dedup();
         let job = TakeJob {
@@ -161,6 +163,8 @@ impl Ops {
                 intent_dir: Some(d.intent_dir()),
                 keep_off,
             },
+            tracked: cfg.is_some_and(|c| c.track_writes),
+            verify_every: cfg.map_or(0, |c| c.verify_every),
         };
         d.spawn(
             Subject::Take {
@@ -173,6 +177,7 @@ impl Ops {
         Ok(Snapshot {
             record,
             progress: None,
+            take: None,
         })
     }
 

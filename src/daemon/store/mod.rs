@@ -20,8 +20,11 @@
 //!   never on an async worker.
 
 pub mod mem;
+pub mod notes;
+pub mod sqlite;
 
 pub use mem::MemStore;
+pub use sqlite::{OpenReport, OpenedFrom, SqliteStore};
 
 use uuid::Uuid;
 
