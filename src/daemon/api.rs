@@ -742,7 +742,7 @@ async fn snapshot_create(
     d.update(|c| {
         c.snapshots.insert(id, record.clone());
     });
-    tracing::info!(volume = %vol.id, snapshot = %id, force, "snapshot requested");
+    tracing::info!(volume = %vol.id, snapshot = %id, force, "{}", super::logline::snapshot_requested(&vol.id, id, force));
     d.spawn(move |d| d.run_snapshot(vol, id, force));
     Ok(Json(json!({ "snapshot": snapshot_summary(&record) })))
 }
@@ -1211,7 +1211,7 @@ async fn volume_create(
     d.update(|c| {
         c.volumes.insert(id.clone(), record.clone());
     });
-    tracing::info!(volume = %id, snapshot = ?snapshot_id, size_bytes, "volume requested");
+    tracing::info!(volume = %id, snapshot = ?snapshot_id, size_bytes, "{}", super::logline::volume_requested(&id, snapshot_id.as_ref(), size_bytes));
     let vid = id.clone();
     d.spawn(move |d| d.run_create_volume(&vid, from, size_bytes));
     let info = VolumeInfo {
@@ -1392,7 +1392,7 @@ async fn volume_action(
         },
     )
     .map_err(|b| busy_error("Invalid volume", &v.id, &b))?;
-    tracing::info!(volume = %v.id, snapshot = %snap.id, "revert requested");
+    tracing::info!(volume = %v.id, snapshot = %snap.id, "{}", super::logline::revert_requested(&v.id, snap.id));
     let sid = snap.id;
     d.spawn(move |d| d.run_revert(v, sid));
     Ok(StatusCode::ACCEPTED.into_response())

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod catalog;
+pub mod logline;
 pub mod metrics;
 pub mod server;
 pub mod store;
@@ -543,7 +544,16 @@ impl Daemon {
                     freeze_ms = out.freeze.as_secs_f64() * 1000.0,
                     duration_ms = out.duration.as_secs_f64() * 1000.0,
                     quiesce = %out.quiesce,
-                    "snapshot available"
+                    "{}",
+                    logline::snapshot_available(
+                        &volume.id,
+                        id,
+                        out.changed_bytes,
+                        out.stored_bytes,
+                        out.freeze,
+                        out.duration,
+                        &out.quiesce
+                    )
                 );
                 self.metrics.snapshot_ok(&volume.id, &out);
                 self.update(|c| {
@@ -565,7 +575,7 @@ impl Daemon {
                 } else {
                     msg
                 };
-                tracing::error!(volume = %volume.id, snapshot = %id, "snapshot failed: {msg}");
+                tracing::error!(volume = %volume.id, snapshot = %id, "{}", logline::snapshot_failed(&volume.id, id, &msg));
                 self.metrics.snapshot_failed(&volume.id);
                 self.update(|c| {
                     if let Some(r) = c.snapshots.get_mut(&id) {
@@ -591,7 +601,7 @@ impl Daemon {
                 crate::fault::point("delete-before-commit");
                 let out = chain::delete::delete(&mut c, id)?;
                 crate::fault::point("delete-after-commit");
-                tracing::info!(volume = %volume, snapshot = %id, merged_blocks = out.merged_blocks, released_bytes = out.reclaimed_bytes, "snapshot deleted");
+                tracing::info!(volume = %volume, snapshot = %id, merged_blocks = out.merged_blocks, released_bytes = out.reclaimed_bytes, "{}", logline::snapshot_deleted(volume, id, out.merged_blocks, out.reclaimed_bytes));
             }
             Ok(())
         })();
@@ -601,7 +611,7 @@ impl Daemon {
             }),
             Err(e) => {
                 let msg = error_chain(&e);
-                tracing::error!(snapshot = %id, "delete failed: {msg}");
+                tracing::error!(volume = %volume, snapshot = %id, "{}", logline::snapshot_delete_failed(volume, id, &msg));
                 self.update(|c| {
                     if let Some(r) = c.snapshots.get_mut(&id) {
                         r.status = SnapStatus::ErrorDeleting;
@@ -643,7 +653,7 @@ impl Daemon {
         })();
         match r {
             Ok(dev) => {
-                tracing::info!(volume = %id, device = %dev.display(), "volume available");
+                tracing::info!(volume = %id, device = %dev.display(), size_bytes = size, "{}", logline::volume_available(id, dev.display(), size));
                 self.update(|c| {
                     if let Some(r) = c.volumes.get_mut(id) {
                         r.status = VolStatus::Available;
@@ -656,7 +666,7 @@ impl Daemon {
                 });
             }
             Err(msg) => {
-                tracing::error!(volume = %id, "volume creation failed: {msg}");
+                tracing::error!(volume = %id, "{}", logline::volume_failed(id, &msg));
                 let _ = std::fs::remove_file(&image);
                 self.update(|c| {
                     if let Some(r) = c.volumes.get_mut(id) {
@@ -696,13 +706,13 @@ impl Daemon {
         })();
         match r {
             Ok(()) => {
-                tracing::info!(volume = %id, "volume deleted");
+                tracing::info!(volume = %id, "{}", logline::volume_deleted(id));
                 self.update(|c| {
                     c.volumes.remove(id);
                 });
             }
             Err(msg) => {
-                tracing::error!(volume = %id, "volume delete failed: {msg}");
+                tracing::error!(volume = %id, "{}", logline::volume_delete_failed(id, &msg));
                 self.update(|c| {
                     if let Some(r) = c.volumes.get_mut(id) {
                         r.status = VolStatus::ErrorDeleting;
@@ -716,6 +726,7 @@ impl Daemon {
 
     /// The revert job.
     pub fn run_revert(&self, volume: VolumeInfo, snapshot: Uuid) {
+        let started = std::time::Instant::now();
         let progress = Arc::new(Progress::default());
         lock(&self.progress).insert(volume.id.clone(), progress.clone());
         let device = volume.device.clone().unwrap_or_default();
@@ -724,7 +735,7 @@ impl Daemon {
             .and_then(|c| crate::revert::revert(&c, snapshot, &device, Some(&progress)));
         match r {
             Ok(out) => {
-                tracing::info!(volume = %volume.id, snapshot = %snapshot, blocks_checked = out.blocks_checked, blocks_written = out.blocks_written, "volume reverted");
+                tracing::info!(volume = %volume.id, snapshot = %snapshot, blocks_checked = out.blocks_checked, blocks_written = out.blocks_written, "{}", logline::volume_reverted(&volume.id, snapshot, out.blocks_checked, out.blocks_written, started.elapsed()));
                 self.metrics.reverted(&volume.id, out.blocks_written);
                 self.update(|c| {
                     let r = c
@@ -742,7 +753,7 @@ impl Daemon {
             }
             Err(e) => {
                 let msg = error_chain(&e);
-                tracing::error!(volume = %volume.id, snapshot = %snapshot, "revert failed: {msg}");
+                tracing::error!(volume = %volume.id, snapshot = %snapshot, "{}", logline::revert_failed(&volume.id, snapshot, &msg));
                 self.update(|c| {
                     let r = c
                         .volumes
