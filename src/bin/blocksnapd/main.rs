@@ -93,6 +93,16 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(config.log_level.as_deref());
+    // Before anything opens files: the connection limit is measured from it.
+    match server::raise_open_files_limit() {
+        Ok(f) if f.was < f.limit => tracing::info!(
+            "open files: raised the soft limit from {} to the hard limit {}",
+            f.was,
+            f.limit
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("open files: cannot read or raise the limit: {e}"),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
