@@ -116,7 +116,8 @@ impl FingerprintMap {
     pub fn save(&self, path: &Path) -> io::Result<()> {
         let tmp = path.with_extension("fpmap.tmp");
         {
-            let mut f = File::create(&tmp)?;
+            // Owner-only: it holds the chain's fingerprint seed.
+            let mut f = crate::util::create_private(&tmp)?;
             let mut header = Vec::with_capacity(MAP_HEADER);
             header.extend_from_slice(MAP_MAGIC);
             header.extend_from_slice(self.chain_id.as_bytes());

@@ -1,7 +1,8 @@
 //! Small helpers shared by several layers.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -14,14 +15,50 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Write `bytes` to `path` atomically: temporary file, fsync, rename, fsync dir.
+/// Mode of every file blocksnap creates: they hold device data, fingerprints
+/// and their seed, or state. Whoever wants them readable changes that.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// Mode of every directory blocksnap creates.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Options that create a file with mode 0600 (the umask can only take more
+/// away). Callers add read/write/create flags.
+pub fn private_options() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.mode(PRIVATE_FILE_MODE);
+    o
+}
+
+/// Create or truncate `path` for writing, owner-only: a file that already
+/// existed is set to 0600 too (open(2) leaves an existing file's mode alone).
+pub fn create_private(path: &Path) -> io::Result<File> {
+    let f = private_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+    Ok(f)
+}
+
+/// `create_dir_all` with mode 0700 for every directory it creates.
+pub fn create_private_dir_all(path: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(path)
+}
+
+/// Write `bytes` to `path` atomically: temporary file, fsync, rename, fsync
+/// dir. The file is owner-only (0600).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
     {
-        let mut f = File::create(&tmp)?;
+        let mut f = create_private(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -162,6 +199,23 @@ mod tests {
             error_chain(&e),
             "cannot open chain x: No such file or directory (os error 2)"
         );
+    }
+
+    #[test]
+    fn created_files_are_owner_only_even_over_a_leftover() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.json");
+        // A leftover temporary file, world-readable: open(2) would keep its mode.
+        let tmp = dir.path().join("catalog.json.tmp");
+        std::fs::write(&tmp, b"old").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_atomic(&path, b"{}").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        let sub = dir.path().join("a/b");
+        create_private_dir_all(&sub).unwrap();
+        assert_eq!(mode(&dir.path().join("a")), 0o700);
+        assert_eq!(mode(&sub), 0o700);
     }
 
     #[test]

@@ -1100,3 +1100,43 @@ fn log_lines_to_a_pipe_carry_the_numbers_and_no_colour() {
         "snapshot deleted: volume {VOL}, snapshot {id}, merged "
     ));
 }
+
+#[test]
+fn files_the_daemon_creates_are_owner_only_under_umask_022() {
+    if !root("files_the_daemon_creates_are_owner_only_under_umask_022") {
+        return;
+    }
+    set_umask(0o022);
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_volume(dir.path(), 4 << 20);
+    // A state directory the daemon creates itself, below one it creates too.
+    let state = dir.path().join("new/state");
+    let d = DaemonProc::start(
+        &format!("state_dir = \"{}\"", state.display()),
+        &volume_toml(VOL, &img, ""),
+    );
+    let id = d.snapshot(VOL, "s");
+    let made = |body: &str| {
+        let r = d.call("POST", "/volumes", Some(body));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json()["volume"]["id"].as_str().unwrap().to_string();
+        assert_eq!(d.wait_volume(&v, &["creating"])["status"], "available");
+        v
+    };
+    let from_snapshot = made(&format!(r#"{{"volume": {{"snapshot_id": "{id}"}}}}"#));
+    let blank = made(r#"{"volume": {"size": 1}}"#);
+    for sub in ["", "chains", "volumes", "freeze-intents"] {
+        let p = state.join(sub);
+        assert_eq!(mode_of(&p), 0o700, "{} is {:o}", p.display(), mode_of(&p));
+    }
+    let chain = d.chain(VOL);
+    for f in [
+        chain.clone(),
+        blocksnap::chain::side_file(&chain),
+        state.join("catalog.json"),
+        state.join("volumes").join(format!("{from_snapshot}.img")),
+        state.join("volumes").join(format!("{blank}.img")),
+    ] {
+        assert_eq!(mode_of(&f), 0o600, "{} is {:o}", f.display(), mode_of(&f));
+    }
+}

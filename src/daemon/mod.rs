@@ -152,7 +152,7 @@ impl Daemon {
             &state.join("volumes"),
             &state.join("freeze-intents"),
         ] {
-            std::fs::create_dir_all(d).map_err(|source| StartError::StateDir {
+            crate::util::create_private_dir_all(d).map_err(|source| StartError::StateDir {
                 path: d.clone(),
                 source,
             })?;
@@ -160,7 +160,7 @@ impl Daemon {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700));
         let lock_path = state.join("blocksnapd.lock");
-        let lock_file = std::fs::OpenOptions::new()
+        let lock_file = crate::util::private_options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -634,7 +634,7 @@ impl Daemon {
                 chain::restore::restore(&c, snap, &image, &Default::default())
                     .map_err(|e| error_chain(&e))?;
             } else {
-                std::fs::File::create(&image)
+                crate::util::create_private(&image)
                     .map_err(|e| format!("cannot create {}: {e}", image.display()))?;
             }
             let f = std::fs::OpenOptions::new()

@@ -124,7 +124,7 @@ pub fn listen(d: &Daemon) -> Result<Listener, StartError> {
     let mut lock_name = path.file_name().unwrap_or_default().to_os_string();
     lock_name.push(".lock");
     let lock_path = path.with_file_name(lock_name);
-    let lock_file = std::fs::OpenOptions::new()
+    let lock_file = crate::util::private_options()
         .create(true)
         .truncate(false)
         .write(true)

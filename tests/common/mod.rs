@@ -909,3 +909,19 @@ pub fn as_user_status(
 ) -> Result<u16, i32> {
     as_user(uid, socket, path, token).map(|r| r.status)
 }
+
+/// The permission bits of a file or directory.
+pub fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Set the umask of the test process (inherited by the binaries it runs).
+pub fn set_umask(mask: u32) {
+    // SAFETY: umask has no failure mode; it changes one process attribute.
+    unsafe { libc::umask(mask as libc::mode_t) };
+}

@@ -70,7 +70,7 @@ pub fn prepare(dir: &Path) -> Result<Demo, String> {
     let dir = std::fs::canonicalize(dir).map_err(|e| e.to_string())?;
     let image = dir.join("volume.img");
     if !image.exists() {
-        let f = std::fs::File::create(&image)
+        let f = blocksnap::util::create_private(&image)
             .map_err(|e| format!("cannot create {}: {e}", image.display()))?;
         f.set_len(IMAGE_SIZE).map_err(|e| e.to_string())?;
     }
