@@ -109,6 +109,30 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
+/// `s` made safe to print on a terminal: control characters (C0 such as
+/// ESC and newline, DEL, C1) and the Unicode controls that reorder text
+/// (bidirectional overrides and isolates) are written as escapes (`\n`,
+/// `\u{1b}`), so a name cannot move the cursor, recolour the screen or fake
+/// a row of a table. Everything else is kept as given.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Bytes for people: 1.5 GiB.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -216,6 +240,16 @@ mod tests {
         create_private_dir_all(&sub).unwrap();
         assert_eq!(mode(&dir.path().join("a")), 0o700);
         assert_eq!(mode(&sub), 0o700);
+    }
+
+    #[test]
+    fn printable_escapes_controls_and_keeps_the_rest() {
+        assert_eq!(printable("daily backup é ✓"), "daily backup é ✓");
+        assert_eq!(
+            printable("x\u{1b}[2J\u{1b}[31mred\nfake row\r\t\u{7f}\u{9b}\u{202e}"),
+            "x\\u{1b}[2J\\u{1b}[31mred\\nfake row\\r\\t\\u{7f}\\u{9b}\\u{202e}"
+        );
+        assert!(!printable("\u{0}\u{1f}").chars().any(|c| c.is_control()));
     }
 
     #[test]

@@ -1140,3 +1140,75 @@ fn files_the_daemon_creates_are_owner_only_under_umask_022() {
         assert_eq!(mode_of(&f), 0o600, "{} is {:o}", f.display(), mode_of(&f));
     }
 }
+
+#[test]
+fn the_cli_prints_names_with_control_characters_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_volume(dir.path(), 1 << 20);
+    let d = DaemonProc::start("", &volume_toml(VOL, &img, ""));
+    // Clears the screen, then fakes a row of the table on a new line.
+    let evil = "\u{1b}[2J\u{1b}[31mok\nfffffff-fake  row\u{1b}]0;title\u{7}\u{9b}1m\u{7f}";
+    let body = serde_json::json!({"snapshot": {
+        "volume_id": VOL,
+        "display_name": evil,
+        "display_description": evil,
+        "metadata": {"k": evil},
+    }});
+    let r = d.call("POST", "/snapshots", Some(&body.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.json()["snapshot"]["id"].as_str().unwrap().to_string();
+    assert_eq!(d.wait_snapshot(&id)["status"], "available");
+    let r = d.call(
+        "PUT",
+        &format!("/volumes/{VOL}"),
+        Some(&serde_json::json!({"volume": {"display_name": evil}}).to_string()),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let client = |args: &[&str]| {
+        let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        a.extend([
+            "--socket".into(),
+            d.socket.display().to_string(),
+            "--token".into(),
+            TOKEN.into(),
+            "--tenant".into(),
+            TENANT.into(),
+        ]);
+        cli_ok(&a)
+    };
+    let chain = d.chain(VOL).display().to_string();
+    let escaped = r"\u{1b}[2J\u{1b}[31mok\nfffffff";
+    // chain list cuts names to 16 characters.
+    for (args, rows, shown) in [
+        (vec!["snapshot", "list"], 2, escaped),
+        (vec!["snapshot", "show", &id], 0, escaped),
+        (vec!["volume", "list"], 2, escaped),
+        (vec!["volume", "show", VOL], 0, escaped),
+        (vec!["chain", "list", &chain], 2, r"\u{1b}[2J\u{1b}…"),
+    ] {
+        let out = if args[0] == "chain" {
+            cli_ok(&args)
+        } else {
+            client(&args)
+        };
+        assert!(
+            !out.chars().any(|c| c.is_control() && c != '\n'),
+            "{args:?} printed control characters: {out:?}"
+        );
+        assert!(
+            !out.contains("\nfffffff-fake"),
+            "{args:?} printed a fake row: {out}"
+        );
+        assert!(out.contains(shown), "{args:?}: {out}");
+        if rows > 0 {
+            assert_eq!(out.lines().count(), rows, "{args:?}: {out}");
+        }
+    }
+    // JSON output stays JSON: the name comes back exactly as given.
+    let v: Value = serde_json::from_str(&client(&["snapshot", "show", &id, "--json"])).unwrap();
+    assert_eq!(v["display_name"], evil);
+    assert_eq!(v["metadata"]["k"], evil);
+    let v: Value =
+        serde_json::from_str(&cli_ok(["chain", "list", chain.as_str(), "--json"])).unwrap();
+    assert_eq!(v[0]["name"], evil);
+}

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use blocksnap::client::{Client, ClientError, TokenFile};
+use blocksnap::util::printable;
 use clap::{Args, Subcommand};
 use hyper::Method;
 use serde_json::{json, Value};
@@ -150,6 +151,11 @@ fn s(v: &Value, k: &str) -> String {
     }
 }
 
+/// A field for the terminal: control characters escaped.
+fn shown(v: &Value, k: &str) -> String {
+    printable(&s(v, k)).into_owned()
+}
+
 /// A volume by id (any id, not only UUIDs) or, failing that, by display name.
 async fn resolve_volume(c: &Client, v: &str) -> Result<String, ClientError> {
     if blocksnap::config::valid_name(v) {
@@ -264,12 +270,12 @@ fn snapshot_table(list: &[Value]) {
     for x in list {
         println!(
             "{:<36}  {:<36}  {:<14}  {:<20}  {:>5}  {:<26}",
-            s(x, "id"),
-            s(x, "volume_id"),
-            s(x, "status"),
-            s(x, "display_name"),
-            s(x, "size"),
-            s(x, "created_at")
+            shown(x, "id"),
+            shown(x, "volume_id"),
+            shown(x, "status"),
+            shown(x, "display_name"),
+            shown(x, "size"),
+            shown(x, "created_at")
         );
     }
 }
@@ -282,11 +288,11 @@ fn volume_table(list: &[Value]) {
     for x in list {
         println!(
             "{:<36}  {:<10}  {:>5}  {:<20}  {:<14}",
-            s(x, "id"),
-            s(x, "status"),
-            s(x, "size"),
-            s(x, "display_name"),
-            x["metadata"]["blocksnap:device"].as_str().unwrap_or("")
+            shown(x, "id"),
+            shown(x, "status"),
+            shown(x, "size"),
+            shown(x, "display_name"),
+            printable(x["metadata"]["blocksnap:device"].as_str().unwrap_or(""))
         );
     }
 }
@@ -294,13 +300,13 @@ fn volume_table(list: &[Value]) {
 fn details(v: &Value) {
     if let Some(m) = v.as_object() {
         for (k, val) in m {
-            println!(
-                "{k:<44} {}",
-                match val {
-                    Value::String(x) => x.clone(),
-                    other => other.to_string(),
-                }
-            );
+            // Nested values (metadata) print as JSON, which leaves DEL and
+            // C1 controls as they are: escaped too.
+            let text = match val {
+                Value::String(x) => x.clone(),
+                other => other.to_string(),
+            };
+            println!("{:<44} {}", printable(k), printable(&text));
         }
     }
 }
@@ -347,8 +353,8 @@ pub fn snapshot(cmd: SnapshotCommand, a: ClientArgs) -> Result<(), Failure> {
                     print_json(&snap);
                 }
                 if !a.json {
-                    eprintln!("snapshot {id}: {}", s(&snap, "status"));
-                    println!("{id}");
+                    eprintln!("snapshot {}: {}", printable(&id), shown(&snap, "status"));
+                    println!("{}", printable(&id));
                 }
                 Ok(())
             }
@@ -451,14 +457,15 @@ pub fn volume(cmd: VolumeCommand, a: ClientArgs) -> Result<(), Failure> {
                     print_json(&vol);
                 } else {
                     eprintln!(
-                        "volume {id}: {}{}",
-                        s(&vol, "status"),
+                        "volume {}: {}{}",
+                        printable(&id),
+                        shown(&vol, "status"),
                         vol["metadata"]["blocksnap:device"]
                             .as_str()
-                            .map(|d| format!(" on {d}"))
+                            .map(|d| format!(" on {}", printable(d)))
                             .unwrap_or_default()
                     );
-                    println!("{id}");
+                    println!("{}", printable(&id));
                 }
                 Ok(())
             }

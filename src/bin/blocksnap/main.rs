@@ -103,7 +103,11 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("blocksnap: error: {}", f.message);
+            // Messages may quote what the daemon or a chain file says.
+            eprintln!(
+                "blocksnap: error: {}",
+                blocksnap::util::printable(&f.message)
+            );
             ExitCode::from(f.code)
         }
     }
