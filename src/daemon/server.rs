@@ -479,11 +479,12 @@ pub async fn run(d: Arc<Daemon>, l: Listener) -> std::io::Result<()> {
     let ready_path = path.clone();
     let ready = tokio::spawn(async move {
         if self_check(&ready_path).await {
+            // Logged first, so the journal shows it before systemd's "Started".
+            tracing::info!(socket = %ready_path.display(), "ready");
             notify(&[
                 sd_notify::NotifyState::Ready,
                 sd_notify::NotifyState::Status("serving"),
             ]);
-            tracing::info!(socket = %ready_path.display(), "ready");
         } else {
             tracing::error!(socket = %ready_path.display(), "the socket does not answer its own health check");
         }
