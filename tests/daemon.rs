@@ -1212,3 +1212,91 @@ fn the_cli_prints_names_with_control_characters_escaped() {
         serde_json::from_str(&cli_ok(["chain", "list", chain.as_str(), "--json"])).unwrap();
     assert_eq!(v[0]["name"], evil);
 }
+
+#[test]
+fn the_demo_prints_commands_that_run_as_printed() {
+    if !root("the_demo_prints_commands_that_run_as_printed") {
+        return;
+    }
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let demo_dir = dir.path().join("my demo");
+    let mut child = Command::new(bin("blocksnapd"))
+        .arg("--demo")
+        .arg(&demo_dir)
+        .env("BLOCKSNAP_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Stopped with SIGINT (Ctrl-C) whatever happens, releasing the volume.
+    struct Interrupt(u32);
+    impl Drop for Interrupt {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0 as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+        }
+    }
+    let guard = Interrupt(child.id());
+    let mut printed = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap() > 0 {
+        printed.push_str(&line);
+        if line.starts_with("Stop with Ctrl-C") {
+            break;
+        }
+        line.clear();
+    }
+    assert!(printed.contains("Stop with Ctrl-C"), "{printed}");
+    let cli = bin("blocksnap").display().to_string();
+    let commands: Vec<&str> = printed
+        .lines()
+        .filter(|l| {
+            l.starts_with("curl ")
+                || l.starts_with("export ")
+                || l.starts_with("SNAP=")
+                || l.starts_with(&cli)
+        })
+        .collect();
+    assert!(
+        commands.len() >= 8 && commands.iter().any(|c| c.contains(" volume create ")),
+        "{printed}"
+    );
+    // Exactly as printed, one after the other, in a shell with no PATH help.
+    let script = format!("set -euo pipefail\n{}\n", commands.join("\n"));
+    let run = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "the demo's commands failed:\n{script}\n{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("HTTP/1.1 200"), "{stdout}");
+    assert!(
+        stdout.contains("snap-001") && stdout.contains("second"),
+        "{stdout}"
+    );
+    // Ctrl-C: the daemon stops, the demo volume is unmounted and detached.
+    drop(guard);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the demo did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(blocksnap::loopdev::find_by_backing(&demo_dir.join("volume.img")).is_none());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(&demo_dir.display().to_string().replace(' ', "\\040")));
+}

@@ -51,7 +51,8 @@ pub enum SnapshotCommand {
         /// Metadata KEY=VALUE (repeatable)
         #[arg(long = "meta", value_parser = crate::chain_cmd::parse_kv)]
         meta: Vec<(String, String)>,
-        /// Wait until it is available (progress bar on a terminal)
+        /// Wait until it is available (progress bar on a terminal); first, if
+        /// another operation runs on the volume, wait for it to end
         #[arg(long)]
         wait: bool,
     },
@@ -66,6 +67,7 @@ pub enum SnapshotCommand {
     /// Delete a snapshot
     Delete {
         id: String,
+        /// Wait until it is gone (after any operation running on its volume)
         #[arg(long)]
         wait: bool,
     },
@@ -92,6 +94,7 @@ pub enum VolumeCommand {
     /// Delete a volume made from a snapshot
     Delete {
         volume: String,
+        /// Wait until it is gone (after any operation running on it)
         #[arg(long)]
         wait: bool,
     },
@@ -100,6 +103,7 @@ pub enum VolumeCommand {
         volume: String,
         #[arg(long)]
         snapshot: String,
+        /// Wait until it is done (after any operation running on the volume)
         #[arg(long)]
         wait: bool,
     },
@@ -244,6 +248,38 @@ async fn wait(
     }
 }
 
+/// Send a request that starts an operation. With `--wait`, one the daemon
+/// refuses because another operation runs on the volume (one at a time)
+/// waits for that one to end, up to ten minutes, instead of failing.
+async fn start_operation(
+    c: &Client,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    wait: bool,
+) -> Result<(hyper::StatusCode, Value), ClientError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    let mut told = false;
+    loop {
+        match c.call(method.clone(), path, body.clone()).await {
+            Err(ClientError::Api {
+                status: 400,
+                message,
+            }) if wait
+                && message.contains(" is busy: ")
+                && std::time::Instant::now() < deadline =>
+            {
+                if !told {
+                    eprintln!("{}; waiting", printable(&message));
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 fn failed_status(v: &Value, what: &str) -> Result<(), Failure> {
     let st = s(v, "status");
     if st.starts_with("error") {
@@ -333,7 +369,7 @@ pub fn snapshot(cmd: SnapshotCommand, a: ClientArgs) -> Result<(), Failure> {
                     "display_description": description.unwrap_or_default(),
                     "metadata": meta,
                 }});
-                let (_, v) = c.call(Method::POST, "/snapshots", Some(body)).await?;
+                let (_, v) = start_operation(&c, Method::POST, "/snapshots", Some(body), w).await?;
                 let mut snap = v["snapshot"].clone();
                 let id = s(&snap, "id");
                 if w {
@@ -391,8 +427,7 @@ pub fn snapshot(cmd: SnapshotCommand, a: ClientArgs) -> Result<(), Failure> {
                 Ok(())
             }
             SnapshotCommand::Delete { id, wait: w } => {
-                c.call(Method::DELETE, &format!("/snapshots/{id}"), None)
-                    .await?;
+                start_operation(&c, Method::DELETE, &format!("/snapshots/{id}"), None, w).await?;
                 if w {
                     let v = wait(
                         &c,
@@ -471,7 +506,7 @@ pub fn volume(cmd: VolumeCommand, a: ClientArgs) -> Result<(), Failure> {
             }
             VolumeCommand::Delete { volume, wait: w } => {
                 let id = resolve_volume(&c, &volume).await?;
-                c.call(Method::DELETE, &format!("/volumes/{id}"), None).await?;
+                start_operation(&c, Method::DELETE, &format!("/volumes/{id}"), None, w).await?;
                 if w {
                     let v = wait(&c, &format!("/volumes/{id}"), "volume", &["deleting"], "delete").await?;
                     if !v.is_null() {
@@ -487,10 +522,12 @@ pub fn volume(cmd: VolumeCommand, a: ClientArgs) -> Result<(), Failure> {
                 wait: w,
             } => {
                 let id = resolve_volume(&c, &volume).await?;
-                c.call(
+                start_operation(
+                    &c,
                     Method::POST,
                     &format!("/volumes/{id}/action"),
                     Some(json!({"revert": {"snapshot_id": snapshot}})),
+                    w,
                 )
                 .await?;
                 if w {
