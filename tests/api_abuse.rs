@@ -185,6 +185,10 @@ fn stuck_and_idle_clients_do_not_block_others() {
         .unwrap();
     let r = read_response(&mut slow_body).expect("an answer to the stalled body");
     assert_eq!(r.status, 408, "{}", r.body);
+    // Cinder's Fault names only the codes it lists; 408 (like 422) is
+    // computeFault there, and in the reference.
+    assert_eq!(r.error().0, "computeFault", "{}", r.body);
+    assert!(r.header("x-compute-request-id").is_some(), "{r:?}");
     // Idle and half-sent connections are closed after the header timeout (10 s).
     half.set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();

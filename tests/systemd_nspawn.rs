@@ -157,6 +157,10 @@ echo "$line" | grep -Eq "changed [0-9]+ B .*stored [0-9]+ B .*freeze window [0-9
 if journal | grep -q $'\e'; then fail "ANSI escape codes in the journal"; fi
 
 step "DevicePolicy=closed and DeviceAllow= are in force in the service's cgroup"
+# A character device DeviceAllow= does not list; opening it works here, in
+# the probe's own cgroup, so a refusal below is the policy's.
+[ -c /dev/net/tun ] || { mkdir -p /dev/net && mknod /dev/net/tun c 10 200; } || fail "no /dev/net/tun"
+(exec 3</dev/net/tun) || fail "/dev/net/tun cannot be opened even outside the service"
 cg=/sys/fs/cgroup$(awk -F: '$1 == "0" {print $3}' "/proc/$(prop MainPID)/cgroup")
 sh -c "echo \$\$ > $cg/cgroup.procs
        if (exec 3</dev/net/tun) 2>/dev/null; then echo tun-opened; else echo tun-refused; fi

@@ -592,3 +592,47 @@ pub async fn run(d: Arc<Daemon>, l: Listener) -> std::io::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_leave_room_for_the_work() {
+        // systemd's LimitNOFILE=65536: the configured 1024 fits.
+        assert_eq!(connection_cap(65536, 1024, 65), 1024);
+        // 256 descriptors, 3 volumes: 256 - 64 - 24.
+        assert_eq!(connection_cap(256, 1024, 3), 168);
+        // Too small for the reserve: a quarter, at least one.
+        assert_eq!(connection_cap(600, 1024, 65), 150);
+        assert_eq!(connection_cap(2, 1024, 65), 1);
+    }
+
+    #[test]
+    fn only_hypers_own_error_heads_are_replaced() {
+        let hyper_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: Sun, 29 Nov 2026 05:31:30 GMT\r\n\r\n";
+        assert_eq!(automatic_error(hyper_431), Some(431));
+        assert_eq!(
+            automatic_error(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"),
+            Some(400)
+        );
+        // The router's answers carry a request id; successes are left alone.
+        assert_eq!(
+            automatic_error(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nX-Compute-Request-Id: req-1\r\ncontent-length: 2\r\n\r\n{}"),
+            None
+        );
+        assert_eq!(automatic_error(b"HTTP/1.1 200 OK\r\n\r\n"), None);
+        assert_eq!(automatic_error(b"{\"snapshots\": []}"), None);
+        // An incomplete head is not touched.
+        assert_eq!(automatic_error(b"HTTP/1.1 400 Bad Request\r\n"), None);
+        let r = String::from_utf8(error_response(431, "too large")).unwrap();
+        assert!(
+            r.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{r}"
+        );
+        assert!(
+            r.ends_with(r#"{"computeFault":{"code":431,"message":"too large"}}"#),
+            "{r}"
+        );
+    }
+}
