@@ -37,7 +37,11 @@ fn hostile_path_parameters_never_reach_a_path() {
     make_image(&img, 4 << 20, 1);
     let d = DaemonProc::start("", &volume_toml(VOL, &img, ""));
     let snap = d.snapshot(VOL, "s");
-    let before = files_under(&d.state);
+    // A catalog write may be under way: its temporary file is not counted.
+    let before: Vec<String> = files_under(&d.state)
+        .into_iter()
+        .filter(|f| !f.ends_with(".tmp"))
+        .collect();
     let long = "x".repeat(5000);
     let attacks = [
         "..",
@@ -81,7 +85,13 @@ fn hostile_path_parameters_never_reach_a_path() {
                     continue;
                 }
                 let path = route.replace("{t}", t).replace("{x}", x);
-                let r = try_http(&d.socket, method, &path, Some(TOKEN), Some(body), &[]).unwrap();
+                let r = try_http(&d.socket, method, &path, Some(TOKEN), Some(body), &[])
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "{method} {}: {e}",
+                            path.chars().take(120).collect::<String>()
+                        )
+                    });
                 tried += 1;
                 assert!(
                     (400..500).contains(&r.status) && r.status != 401,

@@ -220,13 +220,23 @@ fn automatic_error_message(code: u16) -> String {
     }
 }
 
+/// How long a closing connection keeps reading what the client still sends.
+const LINGER: Duration = Duration::from_millis(500);
+/// At most this much is read and dropped while lingering.
+const LINGER_BYTES: usize = 256 << 10;
+
 /// A connection's stream as hyper sees it, with hyper's own error answers
-/// (empty bodies) replaced by JSON ones in the reference's format.
+/// (empty bodies) replaced by JSON ones in the reference's format, and a
+/// lingering close: an answer given before the request's body was read
+/// (an error, a refusal) would otherwise close the socket with unread data,
+/// and the client's read after the answer fails with ECONNRESET.
 #[derive(Debug)]
 struct JsonErrors<S> {
     inner: S,
     /// A replacement answer still to be written.
     pending: Vec<u8>,
+    /// Once the write side is shut: until when, and how much, to drain.
+    linger: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, usize)>,
 }
 
 impl<S: tokio::io::AsyncWrite + Unpin> JsonErrors<S> {
@@ -234,6 +244,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> JsonErrors<S> {
         JsonErrors {
             inner,
             pending: Vec::new(),
+            linger: None,
         }
     }
 
@@ -280,7 +291,9 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for JsonErrors<S> {
     }
 }
 
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for JsonErrors<S> {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite
+    for JsonErrors<S>
+{
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -324,8 +337,33 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for JsonErrors<S> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
         std::task::ready!(self.poll_pending(cx))?;
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.linger.is_none() {
+            std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.linger = Some((Box::pin(tokio::time::sleep(LINGER)), 0));
+        }
+        // The client sees the end of the answer; read what it still sends
+        // until it closes too, for a moment at most.
+        let Some((deadline, drained)) = this.linger.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut scratch = [0u8; 8192];
+        loop {
+            if *drained >= LINGER_BYTES
+                || std::future::Future::poll(deadline.as_mut(), cx).is_ready()
+            {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+            match std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => *drained += buf.filled().len(),
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
