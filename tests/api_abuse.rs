@@ -148,10 +148,14 @@ fn stuck_and_idle_clients_do_not_block_others() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("vol.img");
     make_image(&img, 1 << 20, 1);
+    // The stalled body holds one of the 40 connections until its 408 (after
+    // request_timeout_seconds): long enough for the table to be checked full
+    // below even on a loaded machine (2 s was not, under the whole suite).
     let d = DaemonProc::start(
-        "max_connections = 40\nrequest_timeout_seconds = 2",
+        "max_connections = 40\nrequest_timeout_seconds = 6",
         &volume_toml(VOL, &img, ""),
     );
+    let started = Instant::now();
     // A client that sends half a request and waits, and one that sends the
     // headers and part of a body.
     let mut half = UnixStream::connect(&d.socket).unwrap();
@@ -186,7 +190,13 @@ fn stuck_and_idle_clients_do_not_block_others() {
     std::thread::sleep(Duration::from_millis(200));
     let mut over = UnixStream::connect(&d.socket).unwrap();
     over.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let r = read_response(&mut over).expect("a 503 answer");
+    let r = read_response(&mut over).unwrap_or_else(|| {
+        panic!(
+            "no 503 answer {:?} after the start (a connection of the full table may have ended)\n{}",
+            started.elapsed(),
+            d.log_text()
+        )
+    });
     assert_eq!(r.status, 503);
     assert_eq!(r.error().0, "serviceUnavailable");
     // The slow body times out with 408 after request_timeout_seconds.
