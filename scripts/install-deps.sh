@@ -14,6 +14,8 @@ have fincore || need+=(util-linux)
 [ -x /usr/bin/time ] || need+=(time)
 have systemd-analyze || need+=(systemd)
 have systemd-socket-activate || need+=(systemd)
+# tests/systemd_nspawn.rs boots this machine's systemd in a container.
+have systemd-nspawn || need+=(systemd-container)
 if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

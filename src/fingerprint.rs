@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
@@ -192,12 +193,13 @@ impl PrintFile {
         let tmp = tmp_path(side);
         let _ = std::fs::remove_file(&tmp);
         let err = Self::io(&tmp);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
+        // Owner-only: it holds the chain's fingerprint seed's products.
+        let mut file = crate::util::private_options();
+        file.read(true)
             .write(true)
             .create_new(true)
-            .open(&tmp)
-            .map_err(err)?;
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW);
+        let file = file.open(&tmp).map_err(err)?;
         if let Some(src) = copy_from {
             // copy_file_range: a reflink where the filesystem has them, an
             // in-kernel copy elsewhere; nothing passes through our memory.
@@ -366,7 +368,8 @@ impl FingerprintMap {
     pub fn save(&self, path: &Path) -> io::Result<()> {
         let tmp = path.with_extension("fpmap.tmp");
         {
-            let mut f = File::create(&tmp)?;
+            // Owner-only: it holds the chain's fingerprint seed.
+            let mut f = crate::util::create_private(&tmp)?;
             let mut header = Vec::with_capacity(MAP_HEADER_V1);
             header.extend_from_slice(MAP_MAGIC_V1);
             header.extend_from_slice(self.chain_id.as_bytes());

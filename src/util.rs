@@ -1,7 +1,8 @@
 //! Small helpers shared by several layers.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,6 +13,41 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
         _ => Path::new("."),
     };
     File::open(dir)?.sync_all()
+}
+
+/// Mode of every file blocksnap creates: they hold device data, fingerprints
+/// and their seed, or state. Whoever wants them readable changes that.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// Mode of every directory blocksnap creates.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Options that create a file with mode 0600 (the umask can only take more
+/// away). Callers add read/write/create flags.
+pub fn private_options() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.mode(PRIVATE_FILE_MODE);
+    o
+}
+
+/// Create or truncate `path` for writing, owner-only: a file that already
+/// existed is set to 0600 too (open(2) leaves an existing file's mode alone).
+pub fn create_private(path: &Path) -> io::Result<File> {
+    let f = private_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+    Ok(f)
+}
+
+/// `create_dir_all` with mode 0700 for every directory it creates.
+pub fn create_private_dir_all(path: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(path)
 }
 
 /// Write `bytes` to `path` atomically and durably: a temporary file with a
@@ -67,6 +103,30 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         cur = e.source();
     }
     out
+}
+
+/// `s` made safe to print on a terminal: control characters (C0 such as
+/// ESC and newline, DEL, C1) and the Unicode controls that reorder text
+/// (bidirectional overrides and isolates) are written as escapes (`\n`,
+/// `\u{1b}`), so a name cannot move the cursor, recolour the screen or fake
+/// a row of a table. Everything else is kept as given.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Bytes for people: 1.5 GiB.
@@ -223,6 +283,33 @@ mod tests {
             .filter(|n| n.ends_with(".tmp") && n != "catalog.json.tmp")
             .collect();
         assert!(names.is_empty(), "left behind: {names:?}");
+    }
+
+    #[test]
+    fn created_files_are_owner_only_even_over_a_leftover() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.json");
+        // A leftover temporary file, world-readable: open(2) would keep its mode.
+        let tmp = dir.path().join("catalog.json.tmp");
+        std::fs::write(&tmp, b"old").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_atomic(&path, b"{}").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        let sub = dir.path().join("a/b");
+        create_private_dir_all(&sub).unwrap();
+        assert_eq!(mode(&dir.path().join("a")), 0o700);
+        assert_eq!(mode(&sub), 0o700);
+    }
+
+    #[test]
+    fn printable_escapes_controls_and_keeps_the_rest() {
+        assert_eq!(printable("daily backup é ✓"), "daily backup é ✓");
+        assert_eq!(
+            printable("x\u{1b}[2J\u{1b}[31mred\nfake row\r\t\u{7f}\u{9b}\u{202e}"),
+            "x\\u{1b}[2J\\u{1b}[31mred\\nfake row\\r\\t\\u{7f}\\u{9b}\\u{202e}"
+        );
+        assert!(!printable("\u{0}\u{1f}").chars().any(|c| c.is_control()));
     }
 
     #[test]

@@ -648,3 +648,24 @@ fn bad_input_gives_one_clear_line_and_loses_nothing() {
     assert_eq!(restore_bytes(&chain, &id, dir.path()).len(), 4 << 20);
     cli_ok(["chain".as_ref(), "verify".as_ref(), chain.as_os_str()]);
 }
+
+#[test]
+fn files_the_cli_creates_are_owner_only_under_umask_022() {
+    set_umask(0o022);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vol.img");
+    make_image(&img, 4 << 20, 3);
+    let chain = dir.path().join("vol.chain");
+    let id = take(&img, &chain, &[]);
+    let restored = dir.path().join("restored.img");
+    cli_ok([
+        "chain".as_ref(),
+        "restore".as_ref(),
+        chain.as_os_str(),
+        id.as_ref(),
+        restored.as_os_str(),
+    ]);
+    for f in [chain.clone(), blocksnap::chain::side_file(&chain), restored] {
+        assert_eq!(mode_of(&f), 0o600, "{} is {:o}", f.display(), mode_of(&f));
+    }
+}

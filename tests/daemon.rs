@@ -1053,3 +1053,289 @@ fn the_number_of_made_volumes_is_bounded() {
         1
     );
 }
+
+#[test]
+fn log_lines_to_a_pipe_carry_the_numbers_and_no_colour() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_volume(dir.path(), 4 << 20);
+    let mut d = DaemonProc::configure("", &volume_toml(VOL, &img, ""), &[]);
+    // The daemon's stderr is a pipe here, as under a supervisor or `| tee`.
+    let mut child = Command::new(bin("blocksnapd"))
+        .arg("--config")
+        .arg(&d.config)
+        .env("BLOCKSNAP_LOG", "info")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("INVOCATION_ID")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut stderr, &mut out).unwrap();
+        out
+    });
+    d.child = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while try_http(&d.socket, "GET", "/healthz", None, None, &[])
+        .map(|r| r.status)
+        .ok()
+        != Some(200)
+    {
+        assert!(Instant::now() < deadline, "the daemon did not answer");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let id = d.snapshot(VOL, "first");
+    write_at(&img, 0, &random_bytes(7, 8192));
+    // A snapshot shows `available` a moment before its volume is free for
+    // the next operation (a race of the daemon core, reported): retry then.
+    let when_free = |method: &str, path: &str, body: Option<&str>| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = d.call(method, path, body);
+            if !(r.status == 400 && r.body.contains("is busy")) || Instant::now() > deadline {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let body = format!(r#"{{"snapshot": {{"volume_id": "{VOL}"}}}}"#);
+    let r = when_free("POST", "/snapshots", Some(&body));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id2 = r.json()["snapshot"]["id"].as_str().unwrap().to_string();
+    assert_eq!(d.wait_snapshot(&id2)["status"], "available");
+    let r = when_free("DELETE", &format!("/snapshots/{id}"), None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert!(d.wait_snapshot(&id).is_null());
+    assert!(d.stop().success());
+    let log = reader.join().unwrap();
+    assert!(
+        !log.contains(&0x1b),
+        "ANSI escapes in a log written to a pipe:\n{}",
+        String::from_utf8_lossy(&log)
+    );
+    let log = String::from_utf8(log).unwrap();
+    // The message itself, not only the fields after it, carries the values.
+    let line = |prefix: &str| {
+        log.lines()
+            .find(|l| l.contains(prefix))
+            .unwrap_or_else(|| panic!("no line with {prefix:?}:\n{log}"))
+            .to_string()
+    };
+    let l = line(&format!(
+        "snapshot available: volume {VOL}, snapshot {id2}, changed 8192 B (8.0 KiB), stored "
+    ));
+    assert!(
+        l.contains(", freeze window 0.0 ms (image file, read as is; full scan (")
+            && l.contains("), duration "),
+        "{l}"
+    );
+    line(&format!("snapshot requested: volume {VOL}, snapshot {id2}"));
+    line(&format!(
+        "snapshot deleted: volume {VOL}, snapshot {id}, merged "
+    ));
+}
+
+#[test]
+fn files_the_daemon_creates_are_owner_only_under_umask_022() {
+    if !root("files_the_daemon_creates_are_owner_only_under_umask_022") {
+        return;
+    }
+    set_umask(0o022);
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_volume(dir.path(), 4 << 20);
+    // A state directory the daemon creates itself, below one it creates too.
+    let state = dir.path().join("new/state");
+    let d = DaemonProc::start(
+        &format!("state_dir = \"{}\"", state.display()),
+        &volume_toml(VOL, &img, ""),
+    );
+    let id = d.snapshot(VOL, "s");
+    let made = |body: &str| {
+        let r = d.call("POST", "/volumes", Some(body));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json()["volume"]["id"].as_str().unwrap().to_string();
+        assert_eq!(d.wait_volume(&v, &["creating"])["status"], "available");
+        v
+    };
+    let from_snapshot = made(&format!(r#"{{"volume": {{"snapshot_id": "{id}"}}}}"#));
+    let blank = made(r#"{"volume": {"size": 1}}"#);
+    for sub in ["", "chains", "volumes", "freeze-intents"] {
+        let p = state.join(sub);
+        assert_eq!(mode_of(&p), 0o700, "{} is {:o}", p.display(), mode_of(&p));
+    }
+    let chain = d.chain(VOL);
+    for f in [
+        chain.clone(),
+        blocksnap::chain::side_file(&chain),
+        state.join("catalog.db"),
+        state.join("chains").join(format!("{VOL}.notes")),
+        state.join("volumes").join(format!("{from_snapshot}.notes")),
+        state.join("volumes").join(format!("{from_snapshot}.img")),
+        state.join("volumes").join(format!("{blank}.img")),
+    ] {
+        assert_eq!(mode_of(&f), 0o600, "{} is {:o}", f.display(), mode_of(&f));
+    }
+}
+
+#[test]
+fn the_cli_prints_names_with_control_characters_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_volume(dir.path(), 1 << 20);
+    let d = DaemonProc::start("", &volume_toml(VOL, &img, ""));
+    // Clears the screen, then fakes a row of the table on a new line.
+    let evil = "\u{1b}[2J\u{1b}[31mok\nfffffff-fake  row\u{1b}]0;title\u{7}\u{9b}1m\u{7f}";
+    let body = serde_json::json!({"snapshot": {
+        "volume_id": VOL,
+        "display_name": evil,
+        "display_description": evil,
+        "metadata": {"k": evil},
+    }});
+    let r = d.call("POST", "/snapshots", Some(&body.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.json()["snapshot"]["id"].as_str().unwrap().to_string();
+    assert_eq!(d.wait_snapshot(&id)["status"], "available");
+    let r = d.call(
+        "PUT",
+        &format!("/volumes/{VOL}"),
+        Some(&serde_json::json!({"volume": {"display_name": evil}}).to_string()),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let client = |args: &[&str]| {
+        let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        a.extend([
+            "--socket".into(),
+            d.socket.display().to_string(),
+            "--token".into(),
+            TOKEN.into(),
+            "--tenant".into(),
+            TENANT.into(),
+        ]);
+        cli_ok(&a)
+    };
+    let chain = d.chain(VOL).display().to_string();
+    let escaped = r"\u{1b}[2J\u{1b}[31mok\nfffffff";
+    // chain list cuts names to 16 characters.
+    for (args, rows, shown) in [
+        (vec!["snapshot", "list"], 2, escaped),
+        (vec!["snapshot", "show", &id], 0, escaped),
+        (vec!["volume", "list"], 2, escaped),
+        (vec!["volume", "show", VOL], 0, escaped),
+        (vec!["chain", "list", &chain], 2, r"\u{1b}[2J\u{1b}…"),
+    ] {
+        let out = if args[0] == "chain" {
+            cli_ok(&args)
+        } else {
+            client(&args)
+        };
+        assert!(
+            !out.chars().any(|c| c.is_control() && c != '\n'),
+            "{args:?} printed control characters: {out:?}"
+        );
+        assert!(
+            !out.contains("\nfffffff-fake"),
+            "{args:?} printed a fake row: {out}"
+        );
+        assert!(out.contains(shown), "{args:?}: {out}");
+        if rows > 0 {
+            assert_eq!(out.lines().count(), rows, "{args:?}: {out}");
+        }
+    }
+    // JSON output stays JSON: the name comes back exactly as given.
+    let v: Value = serde_json::from_str(&client(&["snapshot", "show", &id, "--json"])).unwrap();
+    assert_eq!(v["display_name"], evil);
+    assert_eq!(v["metadata"]["k"], evil);
+    let v: Value =
+        serde_json::from_str(&cli_ok(["chain", "list", chain.as_str(), "--json"])).unwrap();
+    assert_eq!(v[0]["name"], evil);
+}
+
+#[test]
+fn the_demo_prints_commands_that_run_as_printed() {
+    if !root("the_demo_prints_commands_that_run_as_printed") {
+        return;
+    }
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let demo_dir = dir.path().join("my demo");
+    let mut child = Command::new(bin("blocksnapd"))
+        .arg("--demo")
+        .arg(&demo_dir)
+        .env("BLOCKSNAP_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Stopped with SIGINT (Ctrl-C) whatever happens, releasing the volume.
+    struct Interrupt(u32);
+    impl Drop for Interrupt {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0 as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+        }
+    }
+    let guard = Interrupt(child.id());
+    let mut printed = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap() > 0 {
+        printed.push_str(&line);
+        if line.starts_with("Stop with Ctrl-C") {
+            break;
+        }
+        line.clear();
+    }
+    assert!(printed.contains("Stop with Ctrl-C"), "{printed}");
+    let cli = bin("blocksnap").display().to_string();
+    let commands: Vec<&str> = printed
+        .lines()
+        .filter(|l| {
+            l.starts_with("curl ")
+                || l.starts_with("export ")
+                || l.starts_with("SNAP=")
+                || l.starts_with(&cli)
+        })
+        .collect();
+    assert!(
+        commands.len() >= 8 && commands.iter().any(|c| c.contains(" volume create ")),
+        "{printed}"
+    );
+    // Exactly as printed, one after the other, in a shell with no PATH help.
+    let script = format!("set -euo pipefail\n{}\n", commands.join("\n"));
+    let run = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "the demo's commands failed:\n{script}\n{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("HTTP/1.1 200"), "{stdout}");
+    assert!(
+        stdout.contains("snap-001") && stdout.contains("second"),
+        "{stdout}"
+    );
+    // Ctrl-C: the daemon stops, the demo volume is unmounted and detached.
+    drop(guard);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the demo did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(blocksnap::loopdev::find_by_backing(&demo_dir.join("volume.img")).is_none());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(&demo_dir.display().to_string().replace(' ', "\\040")));
+}

@@ -50,6 +50,8 @@ fn the_units_pass_systemd_analyze() {
     for needed in [
         "Type=notify",
         "WatchdogSec=",
+        "TimeoutAbortSec=",
+        "LimitNOFILE=65536",
         "Restart=on-failure",
         "ExecStopPost=",
         "thaw --all",

@@ -84,7 +84,8 @@ fn open_target(target: &Path, needed: u64) -> Result<(File, Kind), BackupError> 
     };
     match std::fs::metadata(target) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let file = OpenOptions::new()
+            // Owner-only, as every file blocksnap creates.
+            let file = crate::util::private_options()
                 .write(true)
                 .create_new(true)
                 .custom_flags(libc::O_CLOEXEC)

@@ -555,3 +555,25 @@ fn restore_overwrites_an_existing_file_exactly() {
         md.blocks() * 512
     );
 }
+
+#[test]
+fn a_restored_image_is_owner_only_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: umask has no failure mode; 022 is the usual default anyway.
+    unsafe { libc::umask(0o022) };
+    let f = Fixture::new();
+    let (_s, remote) = mem_remote(None);
+    let img = image(1 << 20, 7);
+    let out = f.backup(&remote, f.snap(&img), incremental());
+    let t = f.dir.path().join("new.img");
+    restore(
+        &remote,
+        "vol",
+        &out.info.id.to_string(),
+        &t,
+        &Default::default(),
+    )
+    .unwrap();
+    let mode = std::fs::metadata(&t).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "restored image is {mode:o}");
+}

@@ -108,7 +108,8 @@ fn open_target(
     let needed = plan.device_size();
     match std::fs::metadata(target) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let file = OpenOptions::new()
+            // Owner-only, as the device it comes from usually is.
+            let file = crate::util::private_options()
                 .write(true)
                 .create_new(true)
                 .custom_flags(libc::O_CLOEXEC)

@@ -375,7 +375,7 @@ impl Engine for HostEngine {
             crate::fault::point(crate::fault::Point::VolumeRestore);
             chain::restore::restore(&c, snap, image, &Default::default())?;
         } else {
-            std::fs::File::create(image).map_err(|e| EngineError::io("create", image, e))?;
+            crate::util::create_private(image).map_err(|e| EngineError::io("create", image, e))?;
         }
         let f = std::fs::OpenOptions::new()
             .write(true)

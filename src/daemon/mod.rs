@@ -14,6 +14,7 @@ pub mod api;
 pub mod catalog;
 pub mod claims;
 pub mod engine;
+pub mod logline;
 pub mod metrics;
 pub mod ops;
 mod reconcile;

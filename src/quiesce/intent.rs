@@ -31,7 +31,7 @@ pub struct Marker {
 impl Marker {
     /// Write a marker for freezing `mount_point` of `device` into `dir`.
     pub fn write(dir: &Path, device: &Path, mount_point: &Path) -> io::Result<Marker> {
-        std::fs::create_dir_all(dir)?;
+        crate::util::create_private_dir_all(dir)?;
         let intent = Intent {
             device: device.to_path_buf(),
             mount_point: mount_point.to_path_buf(),

@@ -383,6 +383,8 @@ pub struct DaemonProc {
     pub config: PathBuf,
     pub log: PathBuf,
     env: Vec<(String, String)>,
+    /// RLIMIT_NOFILE (soft and hard) to start the daemon with.
+    pub nofile: Option<u64>,
 }
 
 impl DaemonProc {
@@ -393,6 +395,13 @@ impl DaemonProc {
     }
 
     pub fn start_with_env(daemon_extra: &str, volumes: &str, env: &[(&str, &str)]) -> DaemonProc {
+        let mut d = DaemonProc::configure(daemon_extra, volumes, env);
+        d.spawn();
+        d
+    }
+
+    /// Write the config as `start_with_env` does, without starting.
+    pub fn configure(daemon_extra: &str, volumes: &str, env: &[(&str, &str)]) -> DaemonProc {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("run/blocksnap.sock");
         let config = dir.path().join("blocksnap.toml");
@@ -413,7 +422,7 @@ impl DaemonProc {
             socket.display(),
         );
         std::fs::write(&config, text).unwrap();
-        let mut d = DaemonProc {
+        DaemonProc {
             child: None,
             log: dir.path().join("daemon.log"),
             dir,
@@ -424,9 +433,8 @@ impl DaemonProc {
                 .iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect(),
-        };
-        d.spawn();
-        d
+            nofile: None,
+        }
     }
 
     /// Start (again) and wait until /healthz answers.
@@ -445,6 +453,23 @@ impl DaemonProc {
             .stderr(log);
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs
+            // between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         self.child = Some(cmd.spawn().unwrap());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -883,4 +908,20 @@ pub fn as_user_status(
     token: Option<&str>,
 ) -> Result<u16, i32> {
     as_user(uid, socket, path, token).map(|r| r.status)
+}
+
+/// The permission bits of a file or directory.
+pub fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Set the umask of the test process (inherited by the binaries it runs).
+pub fn set_umask(mask: u32) {
+    // SAFETY: umask has no failure mode; it changes one process attribute.
+    unsafe { libc::umask(mask as libc::mode_t) };
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use blocksnap::backup::{self, BackupOptions, Listed, Progress, Remote, RestoreOptions};
 use blocksnap::chain::{Access, Chain};
 use blocksnap::config::{self, DEFAULT_CONFIG};
-use blocksnap::util::human_bytes;
+use blocksnap::util::{human_bytes, printable};
 use clap::{Args, Subcommand};
 
 use crate::chain_cmd::with_progress;
@@ -250,7 +250,7 @@ pub fn run(cmd: BackupCommand) -> Result<(), Failure> {
                 json(&report);
             } else {
                 for p in &report.problems {
-                    println!("DAMAGED {p}");
+                    println!("DAMAGED {}", printable(&p.to_string()));
                 }
                 println!(
                     "{} backup(s), {} object(s), {} checked: {}",
@@ -297,17 +297,22 @@ pub fn run(cmd: BackupCommand) -> Result<(), Failure> {
                     Listed::Ok(b) => println!(
                         "{:<36}  {:<20}  {:<26}  {:<11}  {:>10}  {:>10}  {:>10}  {}",
                         b.id,
-                        b.volume,
+                        printable(&b.volume),
                         b.created_at,
                         if b.full { "full" } else { "incremental" },
                         human_bytes(b.size_bytes),
                         human_bytes(b.changed_bytes),
                         human_bytes(b.uploaded_bytes),
-                        b.name
+                        printable(&b.name)
                     ),
                     Listed::Unreadable {
                         id, volume, error, ..
-                    } => println!("{id:<36}  {volume:<20}  UNREADABLE: {error}"),
+                    } => println!(
+                        "{:<36}  {:<20}  UNREADABLE: {}",
+                        printable(&id.to_string()),
+                        printable(volume),
+                        printable(&error.to_string())
+                    ),
                 }
             }
             Ok(())
@@ -370,7 +375,7 @@ pub fn run(cmd: BackupCommand) -> Result<(), Failure> {
                 eprintln!("volume {volume} on remote {remote} had no locks");
             }
             for h in removed {
-                eprintln!("removed the lock of {h}");
+                eprintln!("removed the lock of {}", printable(&h.to_string()));
             }
             Ok(())
         }

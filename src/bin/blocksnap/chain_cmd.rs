@@ -12,7 +12,7 @@ use blocksnap::chain::verify::verify;
 use blocksnap::chain::{delete::delete, Access, Chain, Snapshot};
 use blocksnap::quiesce::{self, Mode, QuiesceError};
 use blocksnap::take::{take, Progress, TakeError, TakeOptions, Tracking};
-use blocksnap::util::{format_timestamp, human_bytes};
+use blocksnap::util::{format_timestamp, human_bytes, printable};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
@@ -335,7 +335,7 @@ fn print_table(c: &Chain) {
         "ID", "NAME", "CREATED", "SIZE", "CHANGED", "STORED", "FREEZE", "TAKEN"
     );
     for s in c.snapshots() {
-        let mut name = s.name.clone();
+        let mut name = printable(&s.name).into_owned();
         if name.chars().count() > 16 {
             name = name.chars().take(15).collect::<String>() + "…";
         }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use blocksnap::client::{Client, ClientError, TokenFile};
+use blocksnap::util::printable;
 use clap::{Args, Subcommand};
 use hyper::Method;
 use serde_json::{json, Value};
@@ -50,7 +51,8 @@ pub enum SnapshotCommand {
         /// Metadata KEY=VALUE (repeatable)
         #[arg(long = "meta", value_parser = crate::chain_cmd::parse_kv)]
         meta: Vec<(String, String)>,
-        /// Wait until it is available (progress bar on a terminal)
+        /// Wait until it is available (progress bar on a terminal); first, if
+        /// another operation runs on the volume, wait for it to end
         #[arg(long)]
         wait: bool,
     },
@@ -65,6 +67,7 @@ pub enum SnapshotCommand {
     /// Delete a snapshot
     Delete {
         id: String,
+        /// Wait until it is gone (after any operation running on its volume)
         #[arg(long)]
         wait: bool,
     },
@@ -91,6 +94,7 @@ pub enum VolumeCommand {
     /// Delete a volume made from a snapshot
     Delete {
         volume: String,
+        /// Wait until it is gone (after any operation running on it)
         #[arg(long)]
         wait: bool,
     },
@@ -99,6 +103,7 @@ pub enum VolumeCommand {
         volume: String,
         #[arg(long)]
         snapshot: String,
+        /// Wait until it is done (after any operation running on the volume)
         #[arg(long)]
         wait: bool,
     },
@@ -148,6 +153,11 @@ fn s(v: &Value, k: &str) -> String {
         Value::Null => String::new(),
         other => other.to_string(),
     }
+}
+
+/// A field for the terminal: control characters escaped.
+fn shown(v: &Value, k: &str) -> String {
+    printable(&s(v, k)).into_owned()
 }
 
 /// A volume by id (any id, not only UUIDs) or, failing that, by display name.
@@ -238,6 +248,38 @@ async fn wait(
     }
 }
 
+/// Send a request that starts an operation. With `--wait`, one the daemon
+/// refuses because another operation runs on the volume (one at a time)
+/// waits for that one to end, up to ten minutes, instead of failing.
+async fn start_operation(
+    c: &Client,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    wait: bool,
+) -> Result<(hyper::StatusCode, Value), ClientError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    let mut told = false;
+    loop {
+        match c.call(method.clone(), path, body.clone()).await {
+            Err(ClientError::Api {
+                status: 400,
+                message,
+            }) if wait
+                && message.contains(" is busy: ")
+                && std::time::Instant::now() < deadline =>
+            {
+                if !told {
+                    eprintln!("{}; waiting", printable(&message));
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 fn failed_status(v: &Value, what: &str) -> Result<(), Failure> {
     let st = s(v, "status");
     if st.starts_with("error") {
@@ -264,12 +306,12 @@ fn snapshot_table(list: &[Value]) {
     for x in list {
         println!(
             "{:<36}  {:<36}  {:<14}  {:<20}  {:>5}  {:<26}",
-            s(x, "id"),
-            s(x, "volume_id"),
-            s(x, "status"),
-            s(x, "display_name"),
-            s(x, "size"),
-            s(x, "created_at")
+            shown(x, "id"),
+            shown(x, "volume_id"),
+            shown(x, "status"),
+            shown(x, "display_name"),
+            shown(x, "size"),
+            shown(x, "created_at")
         );
     }
 }
@@ -282,11 +324,11 @@ fn volume_table(list: &[Value]) {
     for x in list {
         println!(
             "{:<36}  {:<10}  {:>5}  {:<20}  {:<14}",
-            s(x, "id"),
-            s(x, "status"),
-            s(x, "size"),
-            s(x, "display_name"),
-            x["metadata"]["blocksnap:device"].as_str().unwrap_or("")
+            shown(x, "id"),
+            shown(x, "status"),
+            shown(x, "size"),
+            shown(x, "display_name"),
+            printable(x["metadata"]["blocksnap:device"].as_str().unwrap_or(""))
         );
     }
 }
@@ -294,13 +336,13 @@ fn volume_table(list: &[Value]) {
 fn details(v: &Value) {
     if let Some(m) = v.as_object() {
         for (k, val) in m {
-            println!(
-                "{k:<44} {}",
-                match val {
-                    Value::String(x) => x.clone(),
-                    other => other.to_string(),
-                }
-            );
+            // Nested values (metadata) print as JSON, which leaves DEL and
+            // C1 controls as they are: escaped too.
+            let text = match val {
+                Value::String(x) => x.clone(),
+                other => other.to_string(),
+            };
+            println!("{:<44} {}", printable(k), printable(&text));
         }
     }
 }
@@ -327,7 +369,7 @@ pub fn snapshot(cmd: SnapshotCommand, a: ClientArgs) -> Result<(), Failure> {
                     "display_description": description.unwrap_or_default(),
                     "metadata": meta,
                 }});
-                let (_, v) = c.call(Method::POST, "/snapshots", Some(body)).await?;
+                let (_, v) = start_operation(&c, Method::POST, "/snapshots", Some(body), w).await?;
                 let mut snap = v["snapshot"].clone();
                 let id = s(&snap, "id");
                 if w {
@@ -347,8 +389,8 @@ pub fn snapshot(cmd: SnapshotCommand, a: ClientArgs) -> Result<(), Failure> {
                     print_json(&snap);
                 }
                 if !a.json {
-                    eprintln!("snapshot {id}: {}", s(&snap, "status"));
-                    println!("{id}");
+                    eprintln!("snapshot {}: {}", printable(&id), shown(&snap, "status"));
+                    println!("{}", printable(&id));
                 }
                 Ok(())
             }
@@ -385,8 +427,7 @@ pub fn snapshot(cmd: SnapshotCommand, a: ClientArgs) -> Result<(), Failure> {
                 Ok(())
             }
             SnapshotCommand::Delete { id, wait: w } => {
-                c.call(Method::DELETE, &format!("/snapshots/{id}"), None)
-                    .await?;
+                start_operation(&c, Method::DELETE, &format!("/snapshots/{id}"), None, w).await?;
                 if w {
                     let v = wait(
                         &c,
@@ -451,20 +492,21 @@ pub fn volume(cmd: VolumeCommand, a: ClientArgs) -> Result<(), Failure> {
                     print_json(&vol);
                 } else {
                     eprintln!(
-                        "volume {id}: {}{}",
-                        s(&vol, "status"),
+                        "volume {}: {}{}",
+                        printable(&id),
+                        shown(&vol, "status"),
                         vol["metadata"]["blocksnap:device"]
                             .as_str()
-                            .map(|d| format!(" on {d}"))
+                            .map(|d| format!(" on {}", printable(d)))
                             .unwrap_or_default()
                     );
-                    println!("{id}");
+                    println!("{}", printable(&id));
                 }
                 Ok(())
             }
             VolumeCommand::Delete { volume, wait: w } => {
                 let id = resolve_volume(&c, &volume).await?;
-                c.call(Method::DELETE, &format!("/volumes/{id}"), None).await?;
+                start_operation(&c, Method::DELETE, &format!("/volumes/{id}"), None, w).await?;
                 if w {
                     let v = wait(&c, &format!("/volumes/{id}"), "volume", &["deleting"], "delete").await?;
                     if !v.is_null() {
@@ -480,10 +522,12 @@ pub fn volume(cmd: VolumeCommand, a: ClientArgs) -> Result<(), Failure> {
                 wait: w,
             } => {
                 let id = resolve_volume(&c, &volume).await?;
-                c.call(
+                start_operation(
+                    &c,
                     Method::POST,
                     &format!("/volumes/{id}/action"),
                     Some(json!({"revert": {"snapshot_id": snapshot}})),
+                    w,
                 )
                 .await?;
                 if w {

@@ -67,6 +67,8 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal (ExecStopPost's thaw logs to the journal).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .try_init();
@@ -101,7 +103,11 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("blocksnap: error: {}", f.message);
+            // Messages may quote what the daemon or a chain file says.
+            eprintln!(
+                "blocksnap: error: {}",
+                blocksnap::util::printable(&f.message)
+            );
             ExitCode::from(f.code)
         }
     }

@@ -22,6 +22,71 @@ pub struct Demo {
     pub device: PathBuf,
     pub mount: Option<PathBuf>,
     loop_dev: Option<PathBuf>,
+    /// The `blocksnap` the printed commands use, or why there is none.
+    cli: Result<PathBuf, String>,
+}
+
+/// `blocksnap` next to this executable. `cargo run --bin blocksnapd` builds
+/// only blocksnapd: run under cargo (CARGO and CARGO_MANIFEST_DIR set), the
+/// demo builds blocksnap with the same profile, so that the commands it
+/// prints work as printed.
+fn find_or_build_cli() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let dir = exe
+        .parent()
+        .ok_or_else(|| format!("{} has no directory", exe.display()))?;
+    let cli = dir.join("blocksnap");
+    if cli.exists() {
+        return Ok(cli);
+    }
+    let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let hint = format!(
+        "no blocksnap next to {}: build it with `cargo build --release --bin blocksnap`",
+        exe.display()
+    );
+    let (Some(cargo), Some(manifest)) = (
+        std::env::var_os("CARGO"),
+        std::env::var_os("CARGO_MANIFEST_DIR"),
+    ) else {
+        return Err(hint);
+    };
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build")
+        .arg("--manifest-path")
+        .arg(Path::new(&manifest).join("Cargo.toml"))
+        .args(["--bin", "blocksnap"]);
+    match profile {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    eprintln!("blocksnapd --demo: building blocksnap for the commands it prints: {cmd:?}");
+    match cmd.status() {
+        Ok(st) if st.success() && cli.exists() => Ok(cli),
+        Ok(st) => Err(format!("{hint} ({cmd:?} ended with {st})")),
+        Err(e) => Err(format!("{hint} (cannot run cargo: {e})")),
+    }
+}
+
+/// `s` as one shell word: as is when it is plain, else single-quoted.
+fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:=@%,".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// `s` as a TOML basic string.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
 }
 
 impl Drop for Demo {
@@ -70,11 +135,12 @@ pub fn prepare(dir: &Path) -> Result<Demo, String> {
     let dir = std::fs::canonicalize(dir).map_err(|e| e.to_string())?;
     let image = dir.join("volume.img");
     if !image.exists() {
-        let f = std::fs::File::create(&image)
+        let f = blocksnap::util::create_private(&image)
             .map_err(|e| format!("cannot create {}: {e}", image.display()))?;
         f.set_len(IMAGE_SIZE).map_err(|e| e.to_string())?;
     }
     let mut demo = Demo {
+        cli: find_or_build_cli(),
         config: dir.join("blocksnap.toml"),
         device: image.clone(),
         mount: None,
@@ -117,19 +183,20 @@ pub fn prepare(dir: &Path) -> Result<Demo, String> {
     let config = format!(
         "# Written by blocksnapd --demo. See config/blocksnap.toml for every key.\n\
          [daemon]\n\
-         socket = \"{dir}/blocksnap.sock\"\n\
-         state_dir = \"{dir}/state\"\n\
+         socket = {socket}\n\
+         state_dir = {state}\n\
          socket_mode = \"0600\"\n\n\
          [[tokens]]\n\
          tenant = \"{TENANT}\"\n\
          token = \"{TOKEN}\"\n\n\
          [[volumes]]\n\
          id = \"{VOLUME_ID}\"\n\
-         device = \"{dev}\"\n\
+         device = {dev}\n\
          display_name = \"demo\"\n\
          quiesce = \"auto\"\n",
-        dir = dir.display(),
-        dev = demo.device.display(),
+        socket = toml_string(&dir.join("blocksnap.sock").to_string_lossy()),
+        state = toml_string(&dir.join("state").to_string_lossy()),
+        dev = toml_string(&demo.device.to_string_lossy()),
     );
     std::fs::write(&demo.config, config)
         .map_err(|e| format!("cannot write {}: {e}", demo.config.display()))?;
@@ -138,15 +205,22 @@ pub fn prepare(dir: &Path) -> Result<Demo, String> {
 
 /// What to try, printed once the daemon is about to serve.
 pub fn instructions(demo: &Demo) -> String {
-    let sock = demo.dir.join("blocksnap.sock");
-    let exe = std::env::current_exe().ok();
-    let cli = exe
-        .as_ref()
-        .and_then(|e| e.parent())
-        .map(|p| p.join("blocksnap"))
-        .filter(|p| p.exists())
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| "blocksnap".into());
+    let word = |p: &Path| shell_word(&p.to_string_lossy());
+    let sock = word(&demo.dir.join("blocksnap.sock"));
+    let chain = word(
+        &demo
+            .dir
+            .join("state/chains")
+            .join(format!("{VOLUME_ID}.chain")),
+    );
+    // Full paths: `cargo run` puts neither binary on PATH.
+    let (cli, missing) = match &demo.cli {
+        Ok(p) => (word(p), String::new()),
+        Err(why) => (
+            "blocksnap".to_string(),
+            format!("(The blocksnap commands need the CLI: {why}.)\n"),
+        ),
+    };
     let volume = match &demo.mount {
         Some(m) => format!(
             "{} = {} with ext4 mounted at {} (snapshots freeze it)",
@@ -165,14 +239,15 @@ pub fn instructions(demo: &Demo) -> String {
          Try, from another terminal:\n\n\
          curl -i --unix-socket {sock} -X POST -d '{{\"snapshot\": {{\"display_name\": \"snap-001\", \"display_description\": \"Daily Backup\", \"volume_id\": \"{VOLUME_ID}\"}}}}' -H \"X-Auth-Token: {TOKEN}\" -H \"Content-Type: application/json\" http://localhost/v1/{TENANT}/snapshots\n\n\
          curl -s --unix-socket {sock} -H \"X-Auth-Token: {TOKEN}\" http://localhost/v1/{TENANT}/snapshots/detail\n\n\
+         {missing}\
          export BLOCKSNAP_SOCKET={sock} BLOCKSNAP_TENANT={TENANT} BLOCKSNAP_TOKEN={TOKEN}\n\
          {cli} snapshot create {VOLUME_ID} --name first --wait\n\
          {cli} snapshot list\n\
-         {cli} volume create --snapshot <SNAPSHOT_ID> --wait\n\
+         SNAP=$({cli} snapshot create {VOLUME_ID} --name second --wait)\n\
+         {cli} volume create --snapshot \"$SNAP\" --wait\n\
          {cli} volume list\n\
-         {cli} chain list {state}/chains/{VOLUME_ID}.chain\n\n\
+         {cli} chain list {chain}\n\n\
          Stop with Ctrl-C: the demo volume is unmounted and detached.\n",
-        sock = sock.display(),
         state = demo.dir.join("state").display(),
     )
 }

@@ -54,6 +54,9 @@ fn init_logging(level: Option<&str>) {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                // Colour only on a terminal: a file, a pipe or the journal
+                // gets plain text.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_target(false),
         )
         .try_init();
@@ -106,6 +109,16 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(config.log_level.as_deref());
+    // Before anything opens files: the connection limit is measured from it.
+    match server::raise_open_files_limit() {
+        Ok(f) if f.was < f.limit => tracing::info!(
+            "open files: raised the soft limit from {} to the hard limit {}",
+            f.was,
+            f.limit
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("open files: cannot read or raise the limit: {e}"),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -11,7 +11,7 @@ use super::revert_intent;
 use crate::daemon::catalog::{SnapStatus, VolStatus, VolumeKind};
 use crate::daemon::engine::{EngineError, TakeJob};
 use crate::daemon::store::{Change, StoreError};
-use crate::daemon::{Daemon, JobClaim};
+use crate::daemon::{logline, Daemon, JobClaim};
 use crate::util::error_chain;
 
 /// What a job works on: names its thread and its log lines, and says which
@@ -144,7 +144,16 @@ pub(crate) fn take(d: &Daemon, claim: &JobClaim, job: TakeJob) {
                 quiesced_blocks = out.record.quiesced_blocks,
                 tracked_blocks = out.record.tracked_blocks,
                 quiesce = %out.quiesce,
-                "snapshot available"
+                "{}",
+                logline::snapshot_available(
+                    &job.volume,
+                    id,
+                    out.changed_bytes,
+                    out.stored_bytes,
+                    out.freeze,
+                    out.duration,
+                    &out.quiesce
+                )
             );
             d.metrics.snapshot_ok(&job.volume, &out);
             d.finish_snapshot(claim, id, |r| {
@@ -158,7 +167,7 @@ pub(crate) fn take(d: &Daemon, claim: &JobClaim, job: TakeJob) {
         }
         Err(e) => {
             let msg = take_failure(&e);
-            tracing::error!(volume = %job.volume, snapshot = %id, "snapshot failed: {msg}");
+            tracing::error!(volume = %job.volume, snapshot = %id, "{}", logline::snapshot_failed(&job.volume, id, &msg));
             d.metrics.snapshot_failed(&job.volume);
             d.finish_snapshot(claim, id, |r| {
                 r.status = SnapStatus::Error;
@@ -197,13 +206,13 @@ pub(crate) fn delete_snapshot(d: &Daemon, claim: &JobClaim, job: DeleteSnapshotJ
     let r = match d.engine.delete_snapshot(&job.chain, id) {
         Ok(out) => {
             if let Some(out) = out {
-                tracing::info!(volume = %job.volume, snapshot = %id, merged_blocks = out.merged_blocks, released_bytes = out.reclaimed_bytes, "snapshot deleted");
+                tracing::info!(volume = %job.volume, snapshot = %id, merged_blocks = out.merged_blocks, released_bytes = out.reclaimed_bytes, "{}", logline::snapshot_deleted(&job.volume, id, out.merged_blocks, out.reclaimed_bytes));
             }
             d.finish_apply(claim, &[Change::RemoveSnapshot(id)])
         }
         Err(e) => {
             let msg = error_chain(&e);
-            tracing::error!(snapshot = %id, "delete failed: {msg}");
+            tracing::error!(volume = %job.volume, snapshot = %id, "{}", logline::snapshot_delete_failed(&job.volume, id, &msg));
             d.finish_snapshot(claim, id, |r| {
                 r.status = SnapStatus::ErrorDeleting;
                 r.error = Some(msg);
@@ -242,7 +251,7 @@ pub(crate) fn make_volume(d: &Daemon, claim: &JobClaim, job: MakeVolumeJob) {
         });
     let saved = match r {
         Ok(dev) => {
-            tracing::info!(volume = %id, device = %dev.display(), "volume available");
+            tracing::info!(volume = %id, device = %dev.display(), size_bytes = job.size_bytes, "{}", logline::volume_available(id, dev.display(), job.size_bytes));
             d.finish_volume(claim, id, |r| {
                 r.status = VolStatus::Available;
                 r.error = None;
@@ -255,7 +264,7 @@ pub(crate) fn make_volume(d: &Daemon, claim: &JobClaim, job: MakeVolumeJob) {
         }
         Err(e) => {
             let msg = error_chain(&e);
-            tracing::error!(volume = %id, "volume creation failed: {msg}");
+            tracing::error!(volume = %id, "{}", logline::volume_failed(id, &msg));
             if let Err(e) = d.engine.remove(&job.image) {
                 tracing::warn!(volume = %id, "{}", error_chain(&e));
             }
@@ -292,12 +301,12 @@ pub(crate) fn delete_volume(d: &Daemon, claim: &JobClaim, job: DeleteVolumeJob) 
     })();
     let saved = match r {
         Ok(()) => {
-            tracing::info!(volume = %id, "volume deleted");
+            tracing::info!(volume = %id, "{}", logline::volume_deleted(id));
             d.finish_apply(claim, &[Change::RemoveVolume(id.clone())])
         }
         Err(e) => {
             let msg = error_chain(&e);
-            tracing::error!(volume = %id, "volume delete failed: {msg}");
+            tracing::error!(volume = %id, "{}", logline::volume_delete_failed(id, &msg));
             d.finish_volume(claim, id, |r| {
                 r.status = VolStatus::ErrorDeleting;
                 r.error = Some(msg);
@@ -326,6 +335,7 @@ pub(crate) struct RevertJob {
 pub(crate) fn revert(d: &Daemon, claim: &JobClaim, job: RevertJob) {
     let id = &job.volume;
     let snap = job.snapshot;
+    let started = std::time::Instant::now();
     let shown = d.track_progress(id);
     crate::fault::point(crate::fault::Point::RevertBeforeWrite);
     let r = d
@@ -334,7 +344,7 @@ pub(crate) fn revert(d: &Daemon, claim: &JobClaim, job: RevertJob) {
     crate::fault::point(crate::fault::Point::RevertBeforeCatalog);
     let saved = match r {
         Ok(out) => {
-            tracing::info!(volume = %id, snapshot = %snap, blocks_checked = out.blocks_checked, blocks_written = out.blocks_written, resumed = job.resumed, "volume reverted");
+            tracing::info!(volume = %id, snapshot = %snap, blocks_checked = out.blocks_checked, blocks_written = out.blocks_written, resumed = job.resumed, "{}", logline::volume_reverted(id, snap, out.blocks_checked, out.blocks_written, started.elapsed()));
             d.metrics.reverted(id, out.blocks_written);
             d.finish_volume(claim, id, |r| {
                 revert_intent::clear(r);
@@ -350,7 +360,7 @@ pub(crate) fn revert(d: &Daemon, claim: &JobClaim, job: RevertJob) {
         }
         Err(e) => {
             let msg = error_chain(&e);
-            tracing::error!(volume = %id, snapshot = %snap, resumed = job.resumed, "revert failed: {msg}");
+            tracing::error!(volume = %id, snapshot = %snap, resumed = job.resumed, "{}", logline::revert_failed(id, snap, &msg));
             // Nothing written (and nothing left by an earlier run): the
             // volume is as it was.
             let partial = job.resumed || e.partly_reverted();

@@ -142,7 +142,7 @@ impl Ops {
             s.apply(&[Change::PutSnapshot(record.clone())])?;
             Ok(())
         })?;
-        tracing::info!(volume = %vol.id, snapshot = %id, force = req.force, "snapshot requested");
+        tracing::info!(volume = %vol.id, snapshot = %id, force = req.force, "{}", crate::daemon::logline::snapshot_requested(&vol.id, id, req.force));
         // Made volumes are not tracked (they are not in the config).
         let cfg = d.config.volumes.iter().find(|c| c.id == vol.id);
         let mut keep_off = vec![d.config.state_dir.clone(), d.config.socket.clone()];

@@ -207,7 +207,7 @@ impl Ops {
             s.apply(&[Change::PutVolume(record.clone())])?;
             Ok(())
         })?;
-        tracing::info!(volume = %id, snapshot = ?source.as_ref().map(|s| s.id), size_bytes, "volume requested");
+        tracing::info!(volume = %id, snapshot = ?source.as_ref().map(|s| s.id), size_bytes, "{}", crate::daemon::logline::volume_requested(&id, source.as_ref().map(|s| &s.id), size_bytes));
         let job = jobs::MakeVolumeJob {
             volume: id.clone(),
             image,
@@ -429,7 +429,7 @@ impl Ops {
             s.apply(&[Change::PutVolume(r)])?;
             Ok(())
         })?;
-        tracing::info!(volume = %v.id, snapshot = %snap.id, "revert requested");
+        tracing::info!(volume = %v.id, snapshot = %snap.id, "{}", crate::daemon::logline::revert_requested(&v.id, snap.id));
         let job = jobs::RevertJob {
             volume: v.id.clone(),
             device,
