@@ -361,6 +361,44 @@ fn cinderclient_9_python_api() {
     cinderclient_9("cinderclient_9_python_api", "cinder-api", 92);
 }
 
+/// python-cinderclient's Python API on the Unix socket itself, through
+/// requests-unixsocket: no bridge, no TCP.
+#[test]
+fn cinderclient_python_api_on_the_unix_socket() {
+    let test = "cinderclient_python_api_on_the_unix_socket";
+    if !root(test) {
+        return;
+    }
+    let Some(py) = client_python(test, "current") else {
+        return;
+    };
+    let s = Setup::new(96);
+    let sock: String =
+        s.d.socket
+            .to_str()
+            .unwrap()
+            .bytes()
+            .map(|b| match b {
+                b'/' => "%2F".to_string(),
+                b => (b as char).to_string(),
+            })
+            .collect();
+    let c = Client {
+        python: py,
+        name: "cinder-api-unix",
+        url: format!("http+unix://{sock}/v3/{TENANT}"),
+        microversion: None,
+    };
+    assert!(ids(&c.run("volumes", &[])).contains(&VOL.to_string()));
+    let snap = c.run("create-snapshot", &[VOL, "unix", "over the socket", "k=v"]);
+    check_snapshot(&snap, "unix", "over the socket");
+    let sid = snap["id"].as_str().unwrap().to_string();
+    assert_eq!(s.d.wait_snapshot(&sid)["status"], "available");
+    check_snapshot(&c.run("snapshot", &[&sid]), "unix", "over the socket");
+    c.run("delete-snapshot", &[&sid]);
+    wait_snapshot_gone(&s, &sid);
+}
+
 #[test]
 fn openstacksdk_block_storage() {
     let test = "openstacksdk_block_storage";

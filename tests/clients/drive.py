@@ -8,6 +8,7 @@ holds the client (scripts/install-clients.sh), one operation per run:
 CLIENT is one of
     cinder-cli      python-cinderclient 9.x, the `cinder` command
     cinder-api      python-cinderclient 9.x, its Python API
+    cinder-api-unix the same on the Unix socket itself (requests-unixsocket)
     sdk             openstacksdk 4.x, conn.block_storage
     osc             python-openstackclient, the `openstack` command
     cinder-v1       python-cinderclient 4.3, `cinder --os-volume-api-version 1`
@@ -245,20 +246,37 @@ class CinderCli:
 # ---------------------------------------------------------------- Python APIs
 
 class CinderApi:
-    """python-cinderclient 9.x as a library, over a keystoneauth session."""
+    """python-cinderclient 9.x as a library, over a keystoneauth session.
+    With `unix`, BLOCKSNAP_URL is an http+unix:// URL (the socket's path
+    percent-encoded as the host) and requests-unixsocket carries the
+    requests: no TCP at all."""
 
-    def __init__(self):
+    def __init__(self, unix=False):
         from cinderclient import api_versions, client
         from keystoneauth1 import session, token_endpoint
 
         sess = session.Session(auth=token_endpoint.Token(URL, TOKEN))
+        endpoint = URL
+        if unix:
+            import requests_unixsocket
+
+            sess.session.mount("http+unix://", requests_unixsocket.UnixAdapter())
+            # keystoneauth %-formats endpoint_override (for %(project_id)s).
+            endpoint = URL.replace("%", "%%")
         if MICROVERSION:
             version = api_versions.APIVersion(MICROVERSION)
+        elif unix:
+            # cinderclient's discovery does not %-format the endpoint it
+            # reads `GET /` from, so read the versions document here.
+            root = URL.split("/v3/")[0] + "/"
+            doc = sess.get(root, authenticated=False, raise_exc=False).json()
+            v3 = [v for v in doc["versions"] if v["id"] == "v3.0"][0]
+            version = api_versions.APIVersion(v3["version"])
         else:
-            probe = client.Client("3.0", session=sess, endpoint_override=URL)
+            probe = client.Client("3.0", session=sess, endpoint_override=endpoint)
             version = api_versions.discover_version(
                 probe, api_versions.APIVersion(api_versions.MAX_VERSION))
-        self.c = client.Client(version.get_string(), session=sess, endpoint_override=URL)
+        self.c = client.Client(version.get_string(), session=sess, endpoint_override=endpoint)
 
     def volumes(self):
         return [reduce(v) for v in self.c.volumes.list()]
@@ -424,6 +442,7 @@ CLIENTS = {
     "cinder-cli": lambda: CinderCli(legacy=False),
     "cinder-v1": lambda: CinderCli(legacy=True),
     "cinder-api": CinderApi,
+    "cinder-api-unix": lambda: CinderApi(unix=True),
     "sdk": Sdk,
     "osc": Osc,
 }
