@@ -614,6 +614,12 @@ pub fn list_request(
             Some(b) if like => (b, true),
             _ => (k.as_str(), false),
         };
+        // Image metadata (3.4): no volume comes from an image. From 3.31
+        // it is not an allowed filter, as in Cinder's default filters.
+        if base == "glance_metadata" && !strict && c == Collection::Volumes {
+            r.nothing_matches = true;
+            continue;
+        }
         let legacy_name = k == "display_name" && !strict;
         if !allowed_filters(c).contains(&base) && !legacy_name {
             if strict {
@@ -997,5 +1003,11 @@ mod tests {
                 .size_gb,
             Some(3)
         );
+        assert!(
+            list_request(at(4), v, &q(&[("glance_metadata", "{}")]))
+                .unwrap()
+                .nothing_matches
+        );
+        assert!(list_request(at(31), v, &q(&[("glance_metadata", "{}")])).is_err());
     }
 }
