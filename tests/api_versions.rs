@@ -82,6 +82,9 @@ fn v3_snapshots_as_cinder_serves_them() {
     );
     assert_eq!(r.status, 400);
     assert!(r.error().1.contains("snapshot.name"), "{}", r.body);
+    let r = v352.call("POST", "/snapshots", Some(&json!({"snap": {}})));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error().1, "Invalid input for field snapshot: is required");
     let r = v352.call(
         "POST",
         "/snapshots",
