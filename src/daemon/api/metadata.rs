@@ -175,11 +175,13 @@ async fn replace(
     body: Body,
 ) -> ApiResult<Response> {
     current(&d, &tenant, target, &id).await?;
+    // The body is read before a 412, so the client is not cut off while
+    // it sends it.
+    let m: BTreeMap<String, String> = parse(&headers, body, "metadata").await?;
     let api = api.map(|Extension(a)| a);
     if let Some(refused) = precondition(&d, &tenant, target, &id, api, &headers).await? {
         return Ok(refused);
     }
-    let m: BTreeMap<String, String> = parse(&headers, body, "metadata").await?;
     let out = change(&d, tenant, target, id, MetadataChange::Replace(m)).await?;
     Ok(Json(json!({ "metadata": out })).into_response())
 }
@@ -207,11 +209,11 @@ async fn put_one(
     body: Body,
 ) -> ApiResult<Response> {
     current(&d, &tenant, target, &id).await?;
+    let m: BTreeMap<String, String> = parse(&headers, body, "meta").await?;
     let api = api.map(|Extension(a)| a);
     if let Some(refused) = precondition(&d, &tenant, target, &id, api, &headers).await? {
         return Ok(refused);
     }
-    let m: BTreeMap<String, String> = parse(&headers, body, "meta").await?;
     if m.len() > 1 {
         return Err(ApiError::bad_request(
             "Request body contains too many items",
