@@ -102,19 +102,10 @@ pub(super) fn discovery_routes() -> Router<Shared> {
             .route(&format!("/{seg}"), get(move |h: HeaderMap| version(h, m)))
             .route(&format!("/{seg}/"), get(move |h: HeaderMap| version(h, m)));
     }
-    for m in [Major::V2, Major::V3] {
-        let seg = m.segment();
-        r = r
-            .route(
-                &format!("/{seg}/{{project_id}}"),
-                get(move |h: HeaderMap| version(h, m)),
-            )
-            .route(
-                &format!("/{seg}/{{project_id}}/"),
-                get(move |h: HeaderMap| version(h, m)),
-            );
-    }
-    r
+    // keystoneauth (openstacksdk) reads the endpoint it is given.
+    let v3 = |h: HeaderMap| version(h, Major::V3);
+    r.route("/v3/{project_id}", get(v3))
+        .route("/v3/{project_id}/", get(v3))
 }
 
 fn base(headers: &HeaderMap) -> String {
