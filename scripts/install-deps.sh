@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Debian packages the tests and the benchmark use. Idempotent and quick when
+# Debian packages the tests and the benchmark use, and the OpenStack clients
+# the client tests run (PyPI, in virtualenvs). Idempotent and quick when
 # everything is already there.
 set -euo pipefail
 need=()
@@ -16,6 +17,12 @@ have systemd-analyze || need+=(systemd)
 have systemd-socket-activate || need+=(systemd)
 # tests/systemd_nspawn.rs boots this machine's systemd in a container.
 have systemd-nspawn || need+=(systemd-container)
+# The OpenStack clients speak TCP; tests bridge 127.0.0.1 to the socket.
+have socat || need+=(socat)
+have python3 || need+=(python3)
+if have python3 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    need+=(python3-venv)
+fi
 if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
@@ -39,3 +46,6 @@ if ! "$venv/bin/python" -c 'import moto.server, flask_cors, boto3' >/dev/null 2>
     "$venv/bin/pip" install -q --disable-pip-version-check \
         'moto[s3]==5.2.5' flask flask-cors 'awscli>=1.40,<2'
 fi
+
+# The OpenStack clients the client tests run (tests/openstack_clients.rs).
+"$(dirname "$0")/install-clients.sh"

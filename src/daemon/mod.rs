@@ -13,15 +13,18 @@
 pub mod api;
 pub mod catalog;
 pub mod claims;
+pub mod discovery;
 pub mod engine;
 pub mod logline;
 pub mod metrics;
+pub mod microversion;
 pub mod ops;
 mod reconcile;
 pub mod server;
 pub mod sim;
 pub mod store;
 pub mod takes;
+pub mod views;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -10,6 +10,7 @@
 //! middleware here.
 
 pub mod body;
+mod cinder;
 pub mod errors;
 mod metadata;
 mod snapshots;
@@ -217,15 +218,20 @@ fn percent_decode(s: &str) -> Option<String> {
 
 /// The router with every route of the API.
 pub fn router(d: Shared) -> Router {
-    let v1 = Router::new()
+    // v1, v2 and v3: the same operations, three views. The version layer
+    // wraps authentication so a v3 refusal carries the microversion too.
+    let versions = Router::new()
         .merge(snapshots::routes())
         .merge(metadata::routes())
         .merge(volumes::routes())
-        .route_layer(axum::middleware::from_fn_with_state(d.clone(), auth));
+        .merge(cinder::routes())
+        .route_layer(axum::middleware::from_fn_with_state(d.clone(), auth))
+        .merge(cinder::discovery_routes())
+        .route_layer(axum::middleware::from_fn(cinder::versioned));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .merge(v1)
+        .merge(versions)
         .fallback(|| async { ApiError::plain_not_found() })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

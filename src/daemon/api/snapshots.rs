@@ -95,6 +95,7 @@ async fn list(d: Shared, t: String, q: BTreeMap<String, String>) -> ApiResult<Ve
         volume_id: p.volume_id,
         name: p.display_name,
         page: ops::page(p.offset, p.limit),
+        ..SnapshotFilter::default()
     };
     run(&d, move |ops| ops.list_snapshots(&ops::Caller::new(t), &f)).await
 }
@@ -132,7 +133,6 @@ async fn snapshot_show(
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct SnapshotCreate {
     volume_id: String,
     #[serde(default)]
@@ -165,7 +165,6 @@ async fn snapshot_create(
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct SnapshotUpdate {
     #[serde(default)]
     display_name: Option<String>,
@@ -215,9 +214,10 @@ mod tests {
         let e = typed::<SnapshotCreate>("snapshot", json!({"volume_id": "x", "display_name": 5}))
             .unwrap_err();
         assert!(e.message.contains("snapshot.display_name"), "{}", e.message);
-        let e = typed::<SnapshotCreate>("snapshot", json!({"volume_id": "x", "colour": "red"}))
-            .unwrap_err();
-        assert!(e.message.contains("colour"), "{}", e.message);
+        // Fields v1 does not know are ignored, as Cinder ignores them.
+        let r = typed::<SnapshotCreate>("snapshot", json!({"volume_id": "x", "colour": "red"}))
+            .unwrap();
+        assert_eq!(r.volume_id, "x");
         let e = typed::<SnapshotCreate>("snapshot", json!({})).unwrap_err();
         assert!(e.message.contains("volume_id"), "{}", e.message);
     }

@@ -94,6 +94,7 @@ async fn list(
         name: p.display_name,
         offset: p.offset,
         limit: p.limit,
+        ..VolumeFilter::default()
     };
     let c = Caller::new(t.clone());
     let vols = run(&d, move |ops| ops.list_volumes(&c, &f)).await?;
@@ -129,7 +130,6 @@ async fn volume_show(
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct VolumeCreate {
     #[serde(default)]
     snapshot_id: Option<String>,
@@ -175,7 +175,6 @@ async fn volume_create(
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct VolumeUpdate {
     #[serde(default)]
     display_name: Option<String>,
@@ -220,7 +219,6 @@ async fn volume_delete(
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Revert {
     snapshot_id: String,
 }

@@ -302,9 +302,25 @@ pub(crate) fn check_unreserved<'a>(
 /// The prefix of metadata keys the daemon sets itself.
 pub const RESERVED: &str = "blocksnap:";
 
+/// Items of a change, less the daemon's own items given back unchanged:
+/// clients that replace metadata send back all they read (cinderclient's
+/// `metadata unset` from 3.15 reads the metadata, drops the key and PUTs
+/// the rest), and that is no attempt to set them.
+fn without_unchanged_reserved(
+    current: &BTreeMap<String, String>,
+    items: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    items
+        .iter()
+        .filter(|(k, v)| !(k.starts_with(RESERVED) && current.get(*k) == Some(*v)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// The metadata a change leaves, checked against the item limit. With
 /// `reserved`, the items the daemon set itself (`blocksnap:...`) stay
-/// whatever the change, cannot be changed, and do not count.
+/// whatever the change, cannot be changed (given back unchanged, they are
+/// ignored), and do not count.
 pub(crate) fn changed_metadata(
     current: &BTreeMap<String, String>,
     change: &MetadataChange,
@@ -314,20 +330,28 @@ pub(crate) fn changed_metadata(
     let mut m = current.clone();
     match change {
         MetadataChange::Merge(items) => {
-            if reserved {
+            let items = if reserved {
+                let items = without_unchanged_reserved(current, items);
                 check_unreserved(items.keys())?;
-            }
-            m.extend(items.clone());
+                items
+            } else {
+                items.clone()
+            };
+            m.extend(items);
         }
         MetadataChange::Replace(items) => {
-            if reserved {
+            let items = if reserved {
+                let items = without_unchanged_reserved(current, items);
                 check_unreserved(items.keys())?;
-            }
+                items
+            } else {
+                items.clone()
+            };
             m.retain(|k, _| ours(k));
-            m.extend(items.clone());
+            m.extend(items);
         }
         MetadataChange::Set { key, value } => {
-            if reserved {
+            if reserved && !(ours(key) && current.get(key) == Some(value)) {
                 check_unreserved([key])?;
             }
             m.insert(key.clone(), value.clone());
@@ -474,5 +498,59 @@ pub fn page(offset: usize, limit: usize) -> Page {
         offset,
         limit,
         ..Page::default()
+    }
+}
+
+#[cfg(test)]
+mod metadata_tests {
+    use super::*;
+
+    fn m(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn reserved_items_given_back_unchanged_are_no_change() {
+        let current = m(&[("blocksnap:device", "/dev/loop7"), ("role", "copy")]);
+        // cinderclient 9's `metadata VOL unset role`: GET, drop, PUT the rest.
+        let after = changed_metadata(
+            &current,
+            &MetadataChange::Replace(m(&[("blocksnap:device", "/dev/loop7")])),
+            true,
+        )
+        .unwrap();
+        assert_eq!(after, m(&[("blocksnap:device", "/dev/loop7")]));
+        let after = changed_metadata(
+            &current,
+            &MetadataChange::Merge(m(&[("blocksnap:device", "/dev/loop7"), ("a", "1")])),
+            true,
+        )
+        .unwrap();
+        assert_eq!(after.get("a").map(String::as_str), Some("1"));
+        let same = MetadataChange::Set {
+            key: "blocksnap:device".into(),
+            value: "/dev/loop7".into(),
+        };
+        assert_eq!(changed_metadata(&current, &same, true).unwrap(), current);
+        // Changing or adding one is still refused.
+        for change in [
+            MetadataChange::Replace(m(&[("blocksnap:device", "/dev/sda")])),
+            MetadataChange::Merge(m(&[("blocksnap:new", "x")])),
+            MetadataChange::Set {
+                key: "blocksnap:device".into(),
+                value: "/dev/sda".into(),
+            },
+        ] {
+            assert!(
+                matches!(
+                    changed_metadata(&current, &change, true),
+                    Err(OpError::ReservedMetadataKey)
+                ),
+                "{change:?}"
+            );
+        }
     }
 }

@@ -12,6 +12,7 @@ use super::{
 use crate::daemon::catalog::{SnapStatus, SnapshotRecord, VolStatus};
 use crate::daemon::claims::{Resource, Want};
 use crate::daemon::engine::TakeJob;
+use crate::daemon::store::mem::{self, KeyValue};
 use crate::daemon::store::{Change, Page, SnapshotQuery, SortDir, SortKey, StoreError};
 use crate::quiesce::{self, Mode};
 use crate::util::now_micros;
@@ -52,7 +53,23 @@ pub struct SnapshotFilter {
     pub status: Option<String>,
     pub volume_id: Option<String>,
     pub name: Option<String>,
+    /// Only snapshots holding all of these metadata items (v2/v3).
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Only snapshots whose name contains this (v3 `name~`).
+    pub name_like: Option<String>,
     pub page: Page,
+}
+
+/// A snapshot's value for a sort key (the store's order).
+fn snapshot_key(r: &SnapshotRecord, k: SortKey) -> KeyValue<'_> {
+    match k {
+        SortKey::CreatedAt => KeyValue::Int(r.created_us),
+        SortKey::UpdatedAt => KeyValue::Int(r.updated_us),
+        SortKey::Id => KeyValue::Uuid(r.id),
+        SortKey::Name => KeyValue::Text(&r.display_name),
+        SortKey::Status => KeyValue::Text(r.status.as_str()),
+        SortKey::Size => KeyValue::Size(r.size_bytes),
+    }
 }
 
 impl Ops {
@@ -66,11 +83,42 @@ impl Ops {
             name: f.name.clone(),
             page: f.page.clone(),
         };
-        let records = self.d.store().snapshots(&q).map_err(|e| match e {
+        let bad_marker = |e| match e {
             StoreError::UnknownMarker(m) => OpError::BadMarker(m),
             e => e.into(),
-        })?;
-        Ok(records.into_iter().map(|r| self.snapshot_of(r)).collect())
+        };
+        if f.metadata.is_none() && f.name_like.is_none() {
+            let records = self.d.store().snapshots(&q).map_err(bad_marker)?;
+            return Ok(records.into_iter().map(|r| self.snapshot_of(r)).collect());
+        }
+        // Filters the store does not index: all matches of the others,
+        // then these, then the page.
+        let all = SnapshotQuery {
+            page: Page {
+                sort: f.page.sort.clone(),
+                ..Page::default()
+            },
+            ..q
+        };
+        let records = self.d.store().snapshots(&all)?;
+        let hits: Vec<&SnapshotRecord> = records
+            .iter()
+            .filter(|r| {
+                f.metadata
+                    .as_ref()
+                    .is_none_or(|m| m.iter().all(|(k, v)| r.metadata.get(k) == Some(v)))
+            })
+            .filter(|r| {
+                f.name_like
+                    .as_ref()
+                    .is_none_or(|n| r.display_name.contains(n.as_str()))
+            })
+            .collect();
+        let page = mem::page(hits, &f.page, snapshot_key).map_err(bad_marker)?;
+        Ok(page
+            .into_iter()
+            .map(|r| self.snapshot_of(r.clone()))
+            .collect())
     }
 
     /// One snapshot; `id` as the request gave it.

@@ -13,7 +13,10 @@ use super::{
 };
 use crate::daemon::catalog::{SnapStatus, VolStatus, VolumeKind, VolumeRecord};
 use crate::daemon::claims::{Resource, Want};
-use crate::daemon::store::{Change, Page, SnapshotQuery, VolumeQuery};
+use crate::daemon::store::mem::{self, HasId, KeyValue};
+use crate::daemon::store::{
+    Change, Page, SnapshotQuery, SortDir, SortKey, StoreError, VolumeQuery,
+};
 use crate::defaults::{made_volume, GB};
 use crate::util::now_micros;
 
@@ -52,8 +55,40 @@ pub struct VolumeFilter {
     /// Live status ("available", "in-use", ...).
     pub status: Option<String>,
     pub name: Option<String>,
+    /// Only volumes whose name contains this (v3 `name~`).
+    pub name_like: Option<String>,
+    /// Only volumes holding all of these metadata items.
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Only volumes of this size in GB.
+    pub size_gb: Option<u64>,
+    /// Order (empty: newest first); then the id ascending.
+    pub sort: Vec<(SortKey, SortDir)>,
+    /// Start after this volume (an unknown marker is refused).
+    pub marker: Option<String>,
     pub offset: usize,
     pub limit: usize,
+}
+
+impl HasId for Volume {
+    fn id_text(&self) -> String {
+        self.info.id.clone()
+    }
+    fn id_key(&self) -> KeyValue<'_> {
+        KeyValue::Text(&self.info.id)
+    }
+}
+
+/// A volume's value for a sort key: its live status and size.
+fn volume_key(v: &Volume, k: SortKey) -> KeyValue<'_> {
+    let r = &v.info.record;
+    match k {
+        SortKey::CreatedAt => KeyValue::Int(r.created_us),
+        SortKey::UpdatedAt => KeyValue::Int(r.updated_us),
+        SortKey::Id => KeyValue::Text(&v.info.id),
+        SortKey::Name => KeyValue::Text(&r.display_name),
+        SortKey::Status => KeyValue::Text(v.status.as_str()),
+        SortKey::Size => KeyValue::Size(v.size_bytes),
+    }
 }
 
 /// Cinder counts sizes in whole GB, rounded up.
@@ -64,26 +99,42 @@ pub fn gb(bytes: u64) -> u64 {
 impl Ops {
     /// The volumes the caller may see, newest first.
     pub fn list_volumes(&self, c: &Caller, f: &VolumeFilter) -> Result<Vec<Volume>, OpError> {
-        let mut vols: Vec<_> = self
+        let vols: Vec<Volume> = self
             .d
             .volumes()?
             .into_iter()
             .filter(|v| v.visible_to(&c.tenant))
             .filter(|v| f.name.as_ref().is_none_or(|n| &v.record.display_name == n))
-            .collect();
-        vols.sort_by(|a, b| {
-            b.record
-                .created_us
-                .cmp(&a.record.created_us)
-                .then(a.id.cmp(&b.id))
-        });
-        Ok(vols
-            .into_iter()
+            .filter(|v| {
+                f.name_like
+                    .as_ref()
+                    .is_none_or(|n| v.record.display_name.contains(n.as_str()))
+            })
+            .filter(|v| {
+                f.metadata.as_ref().is_none_or(|m| {
+                    m.iter()
+                        .all(|(k, val)| v.record.metadata.get(k) == Some(val))
+                })
+            })
             .map(|v| self.volume_of(v))
             .filter(|v| f.status.as_deref().is_none_or(|s| v.status.as_str() == s))
-            .skip(f.offset)
-            .take(f.limit)
-            .collect())
+            .filter(|v| f.size_gb.is_none_or(|g| gb(v.size_bytes) == g))
+            .collect();
+        let page = Page {
+            sort: if f.sort.is_empty() {
+                vec![(SortKey::CreatedAt, SortDir::Desc)]
+            } else {
+                f.sort.clone()
+            },
+            marker: f.marker.clone(),
+            offset: f.offset,
+            limit: f.limit,
+        };
+        let hits = mem::page(vols.iter().collect(), &page, volume_key).map_err(|e| match e {
+            StoreError::UnknownMarker(m) => OpError::BadMarker(m),
+            e => e.into(),
+        })?;
+        Ok(hits.into_iter().cloned().collect())
     }
 
     /// One volume.
