@@ -150,9 +150,11 @@ fn stuck_and_idle_clients_do_not_block_others() {
     make_image(&img, 1 << 20, 1);
     // The stalled body holds one of the 40 connections until its 408 (after
     // request_timeout_seconds): long enough for the table to be checked full
-    // below even on a loaded machine (2 s was not, under the whole suite).
+    // below even on a loaded machine (2 s was not, under the whole suite,
+    // and 6 s failed once beside the 200-client load test; the idle ones
+    // end at the 10 s header timeout).
     let d = DaemonProc::start(
-        "max_connections = 40\nrequest_timeout_seconds = 6",
+        "max_connections = 40\nrequest_timeout_seconds = 9",
         &volume_toml(VOL, &img, ""),
     );
     let started = Instant::now();
