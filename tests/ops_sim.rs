@@ -734,6 +734,24 @@ fn after_a_shrink_only_a_full_snapshot_is_taken() {
     );
     // From then on increments again.
     w.snap(&c1(), "vol-a");
+    // A shrink after the request was checked: the take refuses, and the
+    // record says how to go on.
+    w.sim.gate("shrink");
+    w.sim
+        .inject(Step::Take, None, Action::Gate("shrink".into()), 1);
+    let s = w.ops().create_snapshot(&c1(), create("vol-a")).unwrap();
+    assert!(w.sim.wait_at_gate("shrink", 1, Duration::from_secs(5)));
+    w.sim
+        .write_device(&w.device("vol-a"), blocks(6)[..BLOCKS / 4].to_vec());
+    w.sim.open_gate("shrink");
+    w.idle();
+    let r = w.d().store().snapshot(s.record.id).unwrap().unwrap();
+    assert_eq!(r.status, SnapStatus::Error);
+    let e = r.error.unwrap_or_default();
+    assert!(
+        e.contains("shrank") && e.contains(r#""full": true"#) && e.contains("--full"),
+        "{e}"
+    );
 }
 
 /// Issue 12 item 9: a revert to a snapshot of another size is refused,
