@@ -621,6 +621,176 @@ fn revert_metadata_describes_only_the_last_completed_revert() {
     assert_eq!(w.sim.device_blocks(&w.device("vol-a")).unwrap(), blocks(5));
 }
 
+/// Issue 12 item 7: a volume larger than the largest file the state
+/// directory's filesystem holds, or from a snapshot with more data than is
+/// free, is refused when asked (413), leaving no record and no image.
+#[test]
+fn a_volume_the_filesystem_cannot_hold_is_refused_when_asked() {
+    const GB: u64 = 1 << 30;
+    let w = World::new();
+    let s = w.snap(&c1(), "vol-a");
+    // ext4 with 4 KiB blocks.
+    w.sim.set_fs_limits(Some(16 * 1024 * GB - 4096), None);
+    let blank = |gb: u64| CreateVolume {
+        size_gb: Some(gb),
+        ..CreateVolume::default()
+    };
+    let made = || {
+        w.store
+            .volumes(&VolumeQuery::default())
+            .unwrap()
+            .into_iter()
+            .filter(|v| v.id != "vol-a" && v.id != "vol-b")
+            .count()
+    };
+    let e = w.ops().create_volume(&c1(), blank(65536)).unwrap_err();
+    match &e {
+        OpError::VolumeTooLarge {
+            size_gb: 65536,
+            max_gb: 16383,
+            ..
+        } => {}
+        e => panic!("{e:?}"),
+    }
+    assert!(
+        e.to_string().contains("65536G") && e.to_string().contains("16383G"),
+        "{e}"
+    );
+    assert_eq!(made(), 0);
+    assert!(w.sim.images().is_empty());
+    // The largest whole size that fits is made (a small limit: the
+    // simulator keeps every block in memory).
+    w.sim.set_fs_limits(Some(2 * GB - 4096), None);
+    assert!(matches!(
+        w.ops().create_volume(&c1(), blank(2)),
+        Err(OpError::VolumeTooLarge { max_gb: 1, .. })
+    ));
+    w.ops().create_volume(&c1(), blank(1)).unwrap();
+    w.idle();
+    assert_eq!(made(), 1);
+    // From a snapshot: its 16 blocks of data need room.
+    w.sim.set_fs_limits(None, Some(15 * 4096));
+    let e = w.ops().create_volume(&c1(), from_snapshot(s)).unwrap_err();
+    match &e {
+        OpError::NoRoom {
+            need: 65536,
+            free: 61440,
+            ..
+        } => {}
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(made(), 1);
+    w.sim.set_fs_limits(None, Some(16 * 4096));
+    w.ops().create_volume(&c1(), from_snapshot(s)).unwrap();
+    w.idle();
+    assert_eq!(made(), 2);
+    assert!(w
+        .store
+        .volumes(&VolumeQuery::default())
+        .unwrap()
+        .iter()
+        .all(|v| v.status == VolStatus::Available || v.id.starts_with("vol-")));
+}
+
+/// Issue 12 item 8: after the device shrank, an increment is refused with
+/// a message saying how to take a full snapshot; a full one is taken and
+/// recorded as asked for.
+#[test]
+fn after_a_shrink_only_a_full_snapshot_is_taken() {
+    let w = World::new();
+    let s = w.snap(&c1(), "vol-a");
+    w.sim
+        .write_device(&w.device("vol-a"), blocks(3)[..BLOCKS / 2].to_vec());
+    let e = w.ops().create_snapshot(&c1(), create("vol-a")).unwrap_err();
+    assert!(
+        matches!(e, OpError::DeviceShrank { snapshot, .. } if snapshot == s),
+        "{e:?}"
+    );
+    let m = e.to_string();
+    assert!(m.contains(r#""full": true"#) && m.contains("--full"), "{m}");
+    let full = w
+        .ops()
+        .create_snapshot(
+            &c1(),
+            CreateSnapshot {
+                full: true,
+                ..create("vol-a")
+            },
+        )
+        .unwrap();
+    w.idle();
+    let got = w
+        .ops()
+        .snapshot(&c1(), &full.record.id.to_string())
+        .unwrap();
+    assert_eq!(got.record.status, SnapStatus::Available, "{:?}", got.record);
+    assert_eq!(
+        got.take.map(|t| t.reason),
+        Some(blocksnap::chain::format::FullReason::Requested)
+    );
+    assert_eq!(
+        w.snapshot_blocks("vol-a", full.record.id),
+        blocks(3)[..BLOCKS / 2].to_vec()
+    );
+    // From then on increments again.
+    w.snap(&c1(), "vol-a");
+    // A shrink after the request was checked: the take refuses, and the
+    // record says how to go on.
+    w.sim.gate("shrink");
+    w.sim
+        .inject(Step::Take, None, Action::Gate("shrink".into()), 1);
+    let s = w.ops().create_snapshot(&c1(), create("vol-a")).unwrap();
+    assert!(w.sim.wait_at_gate("shrink", 1, Duration::from_secs(5)));
+    w.sim
+        .write_device(&w.device("vol-a"), blocks(6)[..BLOCKS / 4].to_vec());
+    w.sim.open_gate("shrink");
+    w.idle();
+    let r = w.d().store().snapshot(s.record.id).unwrap().unwrap();
+    assert_eq!(r.status, SnapStatus::Error);
+    let e = r.error.unwrap_or_default();
+    assert!(
+        e.contains("shrank") && e.contains(r#""full": true"#) && e.contains("--full"),
+        "{e}"
+    );
+}
+
+/// Issue 12 item 9: a revert to a snapshot of another size is refused,
+/// writing nothing.
+#[test]
+fn a_revert_to_a_snapshot_of_another_size_is_refused() {
+    let w = World::new();
+    let s = w.snap(&c1(), "vol-a");
+    let mut grown = blocks(4);
+    grown.extend(blocks(5));
+    w.sim.write_device(&w.device("vol-a"), grown.clone());
+    let e = w
+        .ops()
+        .revert_volume(
+            &c1(),
+            "vol-a",
+            RevertVolume {
+                snapshot_id: s.to_string(),
+            },
+        )
+        .unwrap_err();
+    match &e {
+        OpError::RevertSizeDiffers {
+            volume_bytes,
+            snapshot_bytes,
+            ..
+        } => {
+            assert_eq!(*volume_bytes, 2 * BLOCKS as u64 * 4096);
+            assert_eq!(*snapshot_bytes, BLOCKS as u64 * 4096);
+        }
+        e => panic!("{e:?}"),
+    }
+    w.idle();
+    assert_eq!(w.sim.device_blocks(&w.device("vol-a")).unwrap(), grown);
+    let v = w.ops().volume(&c1(), "vol-a").unwrap();
+    assert_eq!(v.status, VolumeStatus::Available);
+    assert!(!v.info.record.metadata.contains_key("blocksnap:reverted_to"));
+}
+
 // ---------------------------------------------------------------- the model
 
 #[derive(Clone, Debug)]

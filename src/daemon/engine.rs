@@ -35,6 +35,9 @@ pub struct TakeJob {
     pub description: String,
     pub metadata: BTreeMap<String, String>,
     pub block_size: Option<u32>,
+    /// Store every block instead of an increment (asked for; the way on
+    /// after the device shrank).
+    pub full: bool,
     pub quiesce: quiesce::Options,
     /// Write tracking watches the volume between takes (`track_writes`).
     pub tracked: bool,
@@ -179,6 +182,17 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         progress: &Progress,
     ) -> Result<Reverted, EngineError>;
 
+    /// Whether a file of `size` bytes can be made in `dir`: `None` if it
+    /// can, else the largest size (to 4 KiB) that can. Files there are
+    /// sparse: this needs no free space.
+    fn largest_file(&self, dir: &Path, size: u64) -> Result<Option<u64>, EngineError>;
+    /// Bytes free in `dir`'s filesystem for ordinary use (the blocks
+    /// reserved for root are left to the system).
+    fn free_bytes(&self, dir: &Path) -> Result<u64, EngineError>;
+    /// Bytes of data (not zero blocks, which stay holes) that restoring
+    /// snapshot `id` writes.
+    fn image_data_bytes(&self, chain: &Path, id: Uuid) -> Result<u64, EngineError>;
+
     /// Create the image file of a made volume: snapshot `from` restored into
     /// it, or blank; then at least `size` bytes long and fsync'd.
     fn make_image(
@@ -300,7 +314,7 @@ impl Engine for HostEngine {
             description: job.description.clone(),
             metadata: job.metadata.clone(),
             block_size: job.block_size,
-            full: false,
+            full: job.full,
             snapshot_id: Some(job.snapshot_id),
             quiesce: job.quiesce.clone(),
             progress: Some(progress.clone()),
@@ -364,6 +378,64 @@ impl Engine for HostEngine {
         })
     }
 
+    fn largest_file(&self, dir: &Path, size: u64) -> Result<Option<u64>, EngineError> {
+        let f = probe_file(dir).map_err(|e| EngineError::io("create a size probe in", dir, e))?;
+        let fits = |n: u64| -> Result<bool, EngineError> {
+            if i64::try_from(n).is_err() {
+                return Ok(false);
+            }
+            match f.set_len(n) {
+                Ok(()) => Ok(true),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EFBIG) | Some(libc::EINVAL)) => {
+                    Ok(false)
+                }
+                Err(e) => Err(EngineError::io("set the size of a size probe in", dir, e)),
+            }
+        };
+        let r = if fits(size)? {
+            None
+        } else {
+            // The largest size that fits, to 4 KiB: a binary search over
+            // sparse sizes (no data is written).
+            const STEP: u64 = 4096;
+            let (mut lo, mut hi) = (0u64, size / STEP);
+            while lo + 1 < hi {
+                let mid = lo + (hi - lo) / 2;
+                if fits(mid * STEP)? {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            Some(lo * STEP)
+        };
+        // Unnamed (O_TMPFILE) or already unlinked: closing frees it.
+        drop(f);
+        Ok(r)
+    }
+
+    fn free_bytes(&self, dir: &Path) -> Result<u64, EngineError> {
+        let st = nix::sys::statvfs::statvfs(dir)
+            .map_err(|e| EngineError::io("read the free space of", dir, e.into()))?;
+        Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+    }
+
+    fn image_data_bytes(&self, chain: &Path, id: Uuid) -> Result<u64, EngineError> {
+        let c = Chain::open(chain, Access::Read)?;
+        let plan = c.resolve(id)?;
+        let bs = plan.block_size as u64;
+        Ok(plan
+            .runs
+            .iter()
+            .filter(|r| matches!(r.source, chain::Origin::Data { .. }))
+            .map(|r| {
+                // The last block may be short.
+                let end = ((r.block + r.count) * bs).min(plan.device_size());
+                end.saturating_sub(r.block * bs)
+            })
+            .sum())
+    }
+
     fn make_image(
         &self,
         from: Option<(&Path, Uuid)>,
@@ -412,5 +484,68 @@ impl Engine for HostEngine {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(EngineError::io("remove", path, e)),
         }
+    }
+}
+
+/// An empty file in `dir` nobody else can see or open: unnamed
+/// (O_TMPFILE), or, where the filesystem has no unnamed files, created
+/// under a unique name (O_EXCL, no symlink followed) and unlinked at once.
+fn probe_file(dir: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = std::fs::OpenOptions::new()
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(dir);
+    match tmp {
+        Ok(f) => Ok(f),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)
+            ) =>
+        {
+            let path = dir.join(format!(".size-probe-{}", Uuid::new_v4()));
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)?;
+            std::fs::remove_file(&path)?;
+            Ok(f)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Arc<HostEngine> {
+        let config = crate::config::Config::parse(
+            Path::new("t.toml"),
+            "[daemon]\nsocket = \"/tmp/x.sock\"\nstate_dir = \"/tmp/x\"\n\n[[tokens]]\ntenant = \"t\"\ntoken = \"a-long-token\"\n",
+        )
+        .unwrap();
+        HostEngine::new(Arc::new(crate::quiesce::Host), &config)
+    }
+
+    #[test]
+    fn the_largest_file_is_found_without_leaving_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = host();
+        assert_eq!(e.largest_file(dir.path(), 1 << 30).unwrap(), None);
+        let max = e
+            .largest_file(dir.path(), u64::MAX)
+            .unwrap()
+            .expect("no filesystem holds a file of 16 EiB");
+        assert!(max >= 1 << 30 && max % 4096 == 0, "{max}");
+        assert_eq!(e.largest_file(dir.path(), max).unwrap(), None);
+        assert_eq!(e.largest_file(dir.path(), max + 4096).unwrap(), Some(max));
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert!(e.largest_file(&dir.path().join("missing"), 1).is_err());
     }
 }

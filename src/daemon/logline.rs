@@ -54,9 +54,15 @@ pub fn snapshot_failed(volume: impl Display, snapshot: impl Display, cause: &str
 }
 
 /// A snapshot was requested through the API.
-pub fn snapshot_requested(volume: impl Display, snapshot: impl Display, force: bool) -> String {
+pub fn snapshot_requested(
+    volume: impl Display,
+    snapshot: impl Display,
+    force: bool,
+    full: bool,
+) -> String {
     let forced = if force { ", forced" } else { "" };
-    format!("snapshot requested: volume {volume}, snapshot {snapshot}{forced}")
+    let full = if full { ", full" } else { "" };
+    format!("snapshot requested: volume {volume}, snapshot {snapshot}{forced}{full}")
 }
 
 /// A snapshot was deleted (merged into the next one where needed).

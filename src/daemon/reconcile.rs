@@ -196,10 +196,11 @@ fn made_volumes(d: &Daemon) -> Result<(), StoreError> {
 /// its way (it writes only blocks that differ, so running it again is
 /// safe), otherwise the volume is marked partly reverted.
 fn interrupted_revert(d: &Arc<Daemon>, v: VolumeInfo, snapshot: Uuid) -> Result<(), StoreError> {
-    let snap_ok = d
+    let snap = d
         .store()
         .snapshot(snapshot)?
-        .is_some_and(|s| s.status == SnapStatus::Available && s.volume_id == v.id);
+        .filter(|s| s.status == SnapStatus::Available && s.volume_id == v.id);
+    let snap_ok = snap.is_some();
     let blocker = match &v.device {
         None => Some("its device is not attached".to_string()),
         Some(dev) if !d.engine.device_exists(dev) => {
@@ -259,6 +260,7 @@ fn interrupted_revert(d: &Arc<Daemon>, v: VolumeInfo, snapshot: Uuid) -> Result<
         device: v.device.clone().expect("checked above"),
         chain: d.chain_path(&v.id),
         snapshot,
+        snapshot_size: snap.map_or(0, |s| s.size_bytes),
         resumed: true,
     };
     d.spawn(

@@ -123,6 +123,13 @@ struct State {
     /// Random delays at every step: (xorshift state, maximum).
     jitter: Option<(u64, Duration)>,
     calls: Vec<String>,
+    /// How each snapshot was taken.
+    takes: BTreeMap<Uuid, crate::chain::format::TakeRecord>,
+    /// The largest file the state directory's filesystem can hold (`None`:
+    /// no limit).
+    max_file: Option<u64>,
+    /// Bytes free there (`None`: plenty).
+    free: Option<u64>,
 }
 
 /// The simulated host.
@@ -177,6 +184,15 @@ impl SimEngine {
         if let Some(d) = self.lock().devices.get_mut(path) {
             d.mounted = mounted;
         }
+    }
+
+    /// The state directory's filesystem: the largest file it holds and the
+    /// bytes free (`None`: no limit). Making a volume beyond them fails as
+    /// it does on a host ("File too large", "No space left on device").
+    pub fn set_fs_limits(&self, max_file: Option<u64>, free: Option<u64>) {
+        let mut st = self.lock();
+        st.max_file = max_file;
+        st.free = free;
     }
 
     /// The live snapshots of a chain, oldest first.
@@ -462,12 +478,36 @@ impl Engine for SimEngine {
         if chain.iter().any(|s| s.id == job.snapshot_id) {
             return Err(EngineError::Take(TakeError::DuplicateId(job.snapshot_id)));
         }
+        // As the host: an increment cannot follow a shrink.
+        if let Some(newest) = chain
+            .last()
+            .filter(|n| !job.full && n.blocks.len() > blocks.len())
+        {
+            return Err(EngineError::Take(TakeError::Shrunk {
+                device: job.device.clone(),
+                was: newest.blocks.len() as u64 * BLOCK,
+                now: size,
+                newest: newest.id,
+            }));
+        }
+        let first = chain.is_empty();
         chain.push(SimSnapshot {
             id: job.snapshot_id,
             blocks,
             name: job.name.clone(),
             created_us: crate::util::now_micros(),
         });
+        use crate::chain::format::{FullReason, TakeMethod, TakeRecord};
+        let record = TakeRecord {
+            method: TakeMethod::FullScan,
+            reason: match (job.full, first) {
+                (true, _) => FullReason::Requested,
+                (false, true) => FullReason::First,
+                (false, false) => FullReason::Unavailable,
+            },
+            ..Default::default()
+        };
+        st.takes.insert(job.snapshot_id, record);
         progress.done.store(size, Ordering::Relaxed);
         Ok(Taken {
             device_size: size,
@@ -476,12 +516,14 @@ impl Engine for SimEngine {
             freeze: Duration::from_millis(1),
             duration: Duration::from_millis(2),
             quiesce: "simulated".into(),
-            record: Default::default(),
+            record,
         })
     }
 
-    fn take_record(&self, _chain: &Path, _id: Uuid) -> Option<crate::chain::format::TakeRecord> {
-        None
+    fn take_record(&self, chain: &Path, id: Uuid) -> Option<crate::chain::format::TakeRecord> {
+        let st = self.lock();
+        st.chains.get(chain)?.iter().find(|s| s.id == id)?;
+        st.takes.get(&id).copied()
     }
 
     fn delete_snapshot(&self, chain: &Path, id: Uuid) -> Result<Option<Deleted>, EngineError> {
@@ -597,6 +639,29 @@ impl Engine for SimEngine {
         })
     }
 
+    fn largest_file(&self, _dir: &Path, size: u64) -> Result<Option<u64>, EngineError> {
+        Ok(self.lock().max_file.filter(|&m| size > m))
+    }
+
+    fn free_bytes(&self, _dir: &Path) -> Result<u64, EngineError> {
+        Ok(self.lock().free.unwrap_or(u64::MAX))
+    }
+
+    fn image_data_bytes(&self, chain: &Path, id: Uuid) -> Result<u64, EngineError> {
+        let st = self.lock();
+        let s = st
+            .chains
+            .get(chain)
+            .and_then(|c| c.iter().find(|s| s.id == id))
+            .ok_or_else(|| {
+                EngineError::Chain(ChainError::UnknownSnapshot {
+                    path: chain.to_path_buf(),
+                    id: id.to_string(),
+                })
+            })?;
+        Ok(s.blocks.iter().filter(|&&b| b != 0).count() as u64 * BLOCK)
+    }
+
     fn make_image(
         &self,
         from: Option<(&Path, Uuid)>,
@@ -604,6 +669,17 @@ impl Engine for SimEngine {
         size: u64,
     ) -> Result<(), EngineError> {
         self.step(Step::MakeImage, image, false)?;
+        let (max_file, free) = {
+            let st = self.lock();
+            (st.max_file, st.free)
+        };
+        if max_file.is_some_and(|m| size > m) {
+            return Err(EngineError::io(
+                "set the size of",
+                image,
+                std::io::Error::from_raw_os_error(libc::EFBIG),
+            ));
+        }
         let mut blocks = match from {
             Some((chain, id)) => {
                 let _held = Held {
@@ -629,6 +705,14 @@ impl Engine for SimEngine {
             }
             None => Vec::new(),
         };
+        let data = blocks.iter().filter(|&&b| b != 0).count() as u64 * BLOCK;
+        if free.is_some_and(|f| data > f) {
+            return Err(EngineError::io(
+                "write",
+                image,
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
+        }
         let n = size.div_ceil(BLOCK) as usize;
         if blocks.len() < n {
             blocks.resize(n, 0);

@@ -51,6 +51,13 @@ pub fn detail_keys(t: &TakeRecord) -> Vec<(&'static str, serde_json::Value)> {
         ("blocksnap:quiesced_blocks", json!(t.quiesced_blocks)),
         ("blocksnap:tracked_blocks", json!(t.tracked_blocks)),
     ];
+    // A full snapshot stores every block and builds on no earlier one:
+    // asked for, or the chain's first (also after a damaged index).
+    let full = matches!(
+        t.reason,
+        crate::chain::format::FullReason::Requested | crate::chain::format::FullReason::First
+    );
+    v.push(("blocksnap:full", json!(full)));
     if !t.reason.as_str().is_empty() {
         v.push(("blocksnap:full_scan_reason", json!(t.reason.as_str())));
     }

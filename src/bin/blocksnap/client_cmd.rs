@@ -48,6 +48,9 @@ pub enum SnapshotCommand {
         /// Take it even if the volume is mounted and its quiesce mode is none (crash-consistent)
         #[arg(long)]
         force: bool,
+        /// Store every block, starting the volume's chain over (needed after its device shrank)
+        #[arg(long)]
+        full: bool,
         /// Metadata KEY=VALUE (repeatable)
         #[arg(long = "meta", value_parser = crate::chain_cmd::parse_kv)]
         meta: Vec<(String, String)>,
@@ -356,19 +359,24 @@ pub fn snapshot(cmd: SnapshotCommand, a: ClientArgs) -> Result<(), Failure> {
                 name,
                 description,
                 force,
+                full,
                 meta,
                 wait: w,
             } => {
                 let vid = resolve_volume(&c, &volume).await?;
                 let meta: serde_json::Map<String, Value> =
                     meta.into_iter().map(|(k, v)| (k, json!(v))).collect();
-                let body = json!({"snapshot": {
+                let mut body = json!({"snapshot": {
                     "volume_id": vid,
                     "force": force,
                     "display_name": name.unwrap_or_default(),
                     "display_description": description.unwrap_or_default(),
                     "metadata": meta,
                 }});
+                // Only when asked: a daemon before `full` refuses the field.
+                if full {
+                    body["snapshot"]["full"] = json!(true);
+                }
                 let (_, v) = start_operation(&c, Method::POST, "/snapshots", Some(body), w).await?;
                 let mut snap = v["snapshot"].clone();
                 let id = s(&snap, "id");

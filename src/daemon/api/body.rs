@@ -98,7 +98,18 @@ pub fn typed<T: DeserializeOwned>(key: &str, v: Value) -> ApiResult<T> {
 
 /// `force`: a JSON bool, 0/1, or a string true/false/yes/no/y/n/1/0 in any case.
 pub fn parse_force(v: Option<&Value>) -> ApiResult<bool> {
-    let invalid = |s: &str| ApiError::bad_request(format!("Invalid value '{s}' for force. "));
+    parse_bool("force", v)
+}
+
+/// `full` (a snapshot that stores every block): spelled as `force` is.
+pub fn parse_full(v: Option<&Value>) -> ApiResult<bool> {
+    parse_bool("full", v)
+}
+
+/// A boolean field as the reference spells `force`; a bad value is a 400
+/// naming the field.
+pub fn parse_bool(field: &str, v: Option<&Value>) -> ApiResult<bool> {
+    let invalid = |s: &str| ApiError::bad_request(format!("Invalid value '{s}' for {field}. "));
     match v {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
@@ -192,6 +203,17 @@ mod tests {
         assert_eq!(e.message, "Invalid value 'maybe' for force. ");
         assert!(parse_force(Some(&json!(2))).is_err());
         assert!(parse_force(Some(&json!([]))).is_err());
+    }
+
+    #[test]
+    fn full_is_spelled_as_force_and_a_bad_value_names_it() {
+        assert!(parse_full(Some(&json!(true))).unwrap());
+        assert!(parse_full(Some(&json!("yes"))).unwrap());
+        assert!(!parse_full(Some(&json!(0))).unwrap());
+        assert!(!parse_full(None).unwrap());
+        let e = parse_full(Some(&json!("always"))).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.message, "Invalid value 'always' for full. ");
     }
 
     #[test]

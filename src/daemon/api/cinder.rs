@@ -340,6 +340,7 @@ async fn snapshot_create(
     let req = CreateSnapshot {
         volume_id: r.volume_id,
         force: r.force,
+        full: r.full,
         name: r.name,
         description: r.description,
         metadata: r.metadata,

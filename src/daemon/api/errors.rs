@@ -102,10 +102,15 @@ pub fn status_of(e: &OpError) -> StatusCode {
         | VolumeNotDeletable
         | VolumeMounted
         | MountedForRevert
+        | RevertSizeDiffers { .. }
+        | DeviceShrank { .. }
         | InUse { .. } => StatusCode::BAD_REQUEST,
-        MetadataKeyTooLong | MetadataValueTooLong | TooManyMetadataItems | VolumeLimit(_) => {
-            StatusCode::PAYLOAD_TOO_LARGE
-        }
+        MetadataKeyTooLong
+        | MetadataValueTooLong
+        | TooManyMetadataItems
+        | VolumeLimit(_)
+        | VolumeTooLarge { .. }
+        | NoRoom { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -29,7 +29,7 @@ use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-pub use body::{parse_force, ApiResult};
+pub use body::{parse_bool, parse_force, parse_full, ApiResult};
 pub use errors::{error_body, error_name, ApiError};
 
 use super::ops::{Caller, OpError, Ops};

@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::body::{list_params, parse, parse_force, ApiResult};
+use super::body::{list_params, parse, parse_force, parse_full, ApiResult};
 use super::{run, ApiPath, ApiQuery, Shared, Tenant};
 use crate::daemon::catalog::{SnapStatus, SnapshotRecord};
 use crate::daemon::ops::gb;
@@ -137,6 +137,9 @@ pub(super) struct SnapshotCreate {
     volume_id: String,
     #[serde(default)]
     force: Option<Value>,
+    /// blocksnap's own: store every block (after the device shrank).
+    #[serde(default)]
+    full: Option<Value>,
     #[serde(default)]
     display_name: Option<String>,
     #[serde(default)]
@@ -153,9 +156,11 @@ async fn snapshot_create(
 ) -> ApiResult<Json<Value>> {
     let req: SnapshotCreate = parse(&headers, body, "snapshot").await?;
     let force = parse_force(req.force.as_ref())?;
+    let full = parse_full(req.full.as_ref())?;
     let req = CreateSnapshot {
         volume_id: req.volume_id,
         force,
+        full,
         name: req.display_name,
         description: req.display_description,
         metadata: req.metadata.unwrap_or_default(),

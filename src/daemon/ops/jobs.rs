@@ -12,6 +12,7 @@ use crate::daemon::catalog::{SnapStatus, VolStatus, VolumeKind};
 use crate::daemon::engine::{EngineError, TakeJob};
 use crate::daemon::store::{Change, StoreError};
 use crate::daemon::{logline, Daemon, JobClaim};
+use crate::take::TakeError;
 use crate::util::error_chain;
 
 /// What a job works on: names its thread and its log lines, and says which
@@ -144,6 +145,7 @@ pub(crate) fn take(d: &Daemon, claim: &JobClaim, job: TakeJob) {
                 quiesced_blocks = out.record.quiesced_blocks,
                 tracked_blocks = out.record.tracked_blocks,
                 quiesce = %out.quiesce,
+                full = job.full,
                 "{}",
                 logline::snapshot_available(
                     &job.volume,
@@ -166,7 +168,7 @@ pub(crate) fn take(d: &Daemon, claim: &JobClaim, job: TakeJob) {
             })
         }
         Err(e) => {
-            let msg = take_failure(&e);
+            let msg = take_failure(&job.volume, &e);
             tracing::error!(volume = %job.volume, snapshot = %id, "{}", logline::snapshot_failed(&job.volume, id, &msg));
             d.metrics.snapshot_failed(&job.volume);
             d.finish_snapshot(claim, id, |r| {
@@ -181,7 +183,17 @@ pub(crate) fn take(d: &Daemon, claim: &JobClaim, job: TakeJob) {
 }
 
 /// The record's text for a failed take.
-fn take_failure(e: &EngineError) -> String {
+fn take_failure(volume: &str, e: &EngineError) -> String {
+    if let EngineError::Take(TakeError::Shrunk {
+        was, now, newest, ..
+    }) = e
+    {
+        // What to do, through the daemon (the take's own message names
+        // the command line of `blocksnap chain take`).
+        return format!(
+            "the device of volume {volume} shrank from {was} to {now} bytes since snapshot {newest}; take a full snapshot to start the chain over: \"full\": true in the snapshot request, or blocksnap snapshot create {volume} --full"
+        );
+    }
     let msg = error_chain(e);
     if e.is_disk_full() {
         format!("the disk holding the chain is full: {msg}")
@@ -326,6 +338,9 @@ pub(crate) struct RevertJob {
     pub device: PathBuf,
     pub chain: PathBuf,
     pub snapshot: Uuid,
+    /// The snapshot's size: the device must still be that size when the
+    /// revert starts writing.
+    pub snapshot_size: u64,
     /// Resumed after a restart: the device may already be partly reverted.
     pub resumed: bool,
 }
@@ -338,9 +353,23 @@ pub(crate) fn revert(d: &Daemon, claim: &JobClaim, job: RevertJob) {
     let started = std::time::Instant::now();
     let shown = d.track_progress(id);
     crate::fault::point(crate::fault::Point::RevertBeforeWrite);
-    let r = d
-        .engine
-        .revert(&job.chain, snap, &job.device, &shown.progress);
+    // The device may have grown or shrunk since the request was checked:
+    // then nothing is written.
+    let changed = match d.engine.device_size(&job.device) {
+        Ok(now) if now != job.snapshot_size => Some(format!(
+            "refused: the device {} is {now} bytes but snapshot {snap} is {} bytes; nothing was written (a volume is reverted only to a snapshot of its current size)",
+            job.device.display(),
+            job.snapshot_size
+        )),
+        _ => None,
+    };
+    let r = match changed {
+        Some(msg) => Err((msg, false)),
+        None => d
+            .engine
+            .revert(&job.chain, snap, &job.device, &shown.progress)
+            .map_err(|e| (error_chain(&e), e.partly_reverted())),
+    };
     crate::fault::point(crate::fault::Point::RevertBeforeCatalog);
     let saved = match r {
         Ok(out) => {
@@ -358,12 +387,11 @@ pub(crate) fn revert(d: &Daemon, claim: &JobClaim, job: RevertJob) {
                 );
             })
         }
-        Err(e) => {
-            let msg = error_chain(&e);
+        Err((msg, wrote)) => {
             tracing::error!(volume = %id, snapshot = %snap, resumed = job.resumed, "{}", logline::revert_failed(id, snap, &msg));
             // Nothing written (and nothing left by an earlier run): the
             // volume is as it was.
-            let partial = job.resumed || e.partly_reverted();
+            let partial = job.resumed || wrote;
             d.finish_volume(claim, id, |r| {
                 revert_intent::clear(r);
                 if partial {
@@ -377,5 +405,29 @@ pub(crate) fn revert(d: &Daemon, claim: &JobClaim, job: RevertJob) {
     };
     if let Err(e) = saved {
         unrecorded(&format!("the revert of volume {id}"), e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shrunk_device_says_how_to_take_a_full_snapshot_through_the_daemon() {
+        let newest = Uuid::from_u128(7);
+        let e = EngineError::Take(TakeError::Shrunk {
+            device: "/dev/loop9".into(),
+            was: 32 << 20,
+            now: 24 << 20,
+            newest,
+        });
+        let m = take_failure("vol-a", &e);
+        assert!(
+            m.contains("shrank from 33554432 to 25165824 bytes")
+                && m.contains(&newest.to_string())
+                && m.contains(r#""full": true"#)
+                && m.contains("blocksnap snapshot create vol-a --full"),
+            "{m}"
+        );
     }
 }

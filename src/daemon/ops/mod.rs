@@ -231,6 +231,25 @@ pub enum OpError {
     VolumeMounted,
     #[error("Invalid volume: the volume is mounted; unmount it to revert it (its filesystem would be overwritten under the mount)")]
     MountedForRevert,
+    /// A revert is refused when the volume's size is not the snapshot's
+    /// (as Cinder does): it would leave the newer data past the snapshot's
+    /// end, or cannot hold the snapshot.
+    #[error("Invalid volume: volume {volume} is {volume_bytes} bytes but snapshot {snapshot} is {snapshot_bytes} bytes; a volume is reverted only to a snapshot of its current size (make a new volume from the snapshot instead)")]
+    RevertSizeDiffers {
+        volume: String,
+        snapshot: Uuid,
+        volume_bytes: u64,
+        snapshot_bytes: u64,
+    },
+    /// The device shrank since the newest snapshot: only a full snapshot
+    /// can be taken.
+    #[error("Invalid volume: the device of volume {volume} shrank from {was} to {now} bytes since snapshot {snapshot}; take a full snapshot to start the chain over: \"full\": true in the snapshot request, or blocksnap snapshot create VOLUME --full")]
+    DeviceShrank {
+        volume: String,
+        snapshot: Uuid,
+        was: u64,
+        now: u64,
+    },
     /// Something running holds what this operation needs.
     #[error("{about}: {conflict}; try again when it has finished")]
     InUse { about: About, conflict: Conflict },
@@ -246,6 +265,23 @@ pub enum OpError {
         "VolumeLimitExceeded: Maximum number of volumes allowed ({0}) exceeded (max_made_volumes)"
     )]
     VolumeLimit(usize),
+
+    /// The filesystem holding the made volumes' images cannot hold a file
+    /// of the size asked for (Cinder's VolumeSizeExceedsLimit).
+    #[error("VolumeSizeExceedsLimit: Requested volume size {size_gb}G is larger than maximum allowed limit {max_gb}G: the filesystem holding the daemon's volume images cannot make a file of {size_bytes} bytes (at most {max_bytes})")]
+    VolumeTooLarge {
+        size_gb: u64,
+        size_bytes: u64,
+        max_gb: u64,
+        max_bytes: u64,
+    },
+    /// Writing a volume's data needs more space than is free.
+    #[error("Insufficient free space for volume creation: snapshot {snapshot} has {need} bytes of data to write, the filesystem holding the daemon's volume images has {free} bytes free")]
+    NoRoom {
+        snapshot: Uuid,
+        need: u64,
+        free: u64,
+    },
 
     // ---- the daemon's fault (500)
     #[error("the catalog could not be read or changed; nothing was done")]

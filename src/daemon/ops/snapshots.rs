@@ -35,6 +35,9 @@ pub struct CreateSnapshot {
     /// Take a crash-consistent snapshot of a mounted volume whose quiesce
     /// mode is none.
     pub force: bool,
+    /// Store every block, starting the chain over instead of building on
+    /// the newest snapshot (the only way on after the device shrank).
+    pub full: bool,
     pub name: Option<String>,
     pub description: Option<String>,
     pub metadata: BTreeMap<String, String>,
@@ -151,6 +154,9 @@ impl Ops {
             return Err(OpError::VolumeNotAvailable);
         }
         let size = size.ok_or_else(|| OpError::DeviceUnreadable(vol.id.clone()))?;
+        if !req.full {
+            self.check_not_shrunk(&vol.id, size)?;
+        }
         let device = vol
             .device
             .clone()
@@ -190,7 +196,7 @@ impl Ops {
             s.apply(&[Change::PutSnapshot(record.clone())])?;
             Ok(())
         })?;
-        tracing::info!(volume = %vol.id, snapshot = %id, force = req.force, "{}", crate::daemon::logline::snapshot_requested(&vol.id, id, req.force));
+        tracing::info!(volume = %vol.id, snapshot = %id, force = req.force, full = req.full, "{}", crate::daemon::logline::snapshot_requested(&vol.id, id, req.force, req.full));
         // Made volumes are not tracked (they are not in the config).
         let cfg = d.config.volumes.iter().find(|c| c.id == vol.id);
         let mut keep_off = vec![d.config.state_dir.clone(), d.config.socket.clone()];
@@ -204,6 +210,7 @@ impl Ops {
             description: record.display_description.clone(),
             metadata: record.metadata.clone(),
             block_size: vol.block_size,
+            full: req.full,
             quiesce: quiesce::Options {
                 mode: vol.quiesce,
                 force: req.force,
@@ -307,6 +314,31 @@ impl Ops {
             move |d, claim| jobs::delete_snapshot(d, claim, job),
         );
         Ok(())
+    }
+
+    /// An increment needs a device at least as large as the newest
+    /// snapshot's; after a shrink only a full snapshot can be taken (the
+    /// take checks again against the chain itself).
+    fn check_not_shrunk(&self, volume: &str, size: u64) -> Result<(), OpError> {
+        let q = SnapshotQuery {
+            volume_id: Some(volume.to_string()),
+            status: Some(SnapStatus::Available.as_str().to_string()),
+            page: Page {
+                sort: vec![(SortKey::CreatedAt, SortDir::Desc)],
+                limit: 1,
+                ..Page::default()
+            },
+            ..SnapshotQuery::default()
+        };
+        match self.d.store().snapshots(&q)?.into_iter().next() {
+            Some(newest) if size < newest.size_bytes => Err(OpError::DeviceShrank {
+                volume: volume.to_string(),
+                snapshot: newest.id,
+                was: newest.size_bytes,
+                now: size,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The snapshot a delete merges into: the next one of the same volume.

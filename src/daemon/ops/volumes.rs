@@ -11,7 +11,7 @@ use super::{
     changed_metadata, check_change, check_items, check_text, check_unreserved, About, Caller,
     Field, MetadataChange, OpError, Ops, Volume, VolumeStatus,
 };
-use crate::daemon::catalog::{SnapStatus, VolStatus, VolumeKind, VolumeRecord};
+use crate::daemon::catalog::{SnapStatus, SnapshotRecord, VolStatus, VolumeKind, VolumeRecord};
 use crate::daemon::claims::{Resource, Want};
 use crate::daemon::store::mem::{self, HasId, KeyValue};
 use crate::daemon::store::{
@@ -208,6 +208,7 @@ impl Ops {
         if made(d.store())? >= max {
             return Err(OpError::VolumeLimit(max));
         }
+        self.check_room(source.as_ref(), size_bytes)?;
         let id = Uuid::new_v4().to_string();
         let mut wants = vec![Want::exclusive(
             Resource::Volume(id.clone()),
@@ -278,6 +279,61 @@ impl Ops {
             size_bytes,
             progress: None,
         })
+    }
+
+    /// Whether the filesystem holding the images can make this volume: a
+    /// file of its size (sparse), and, made from a snapshot, room for the
+    /// snapshot's data (its zero blocks stay holes). Checked when asked, so
+    /// that a volume that cannot be made is refused instead of accepted
+    /// and then failed; volumes being made at the same time share the free
+    /// space, so the job can still find the disk full.
+    fn check_room(&self, source: Option<&SnapshotRecord>, size_bytes: u64) -> Result<(), OpError> {
+        let d = &self.d;
+        let dir = d.volumes_dir();
+        let unknown = |what: &str, e: &crate::daemon::engine::EngineError| {
+            tracing::warn!(dir = %dir.display(), "cannot tell {what}: {}; going on", crate::util::error_chain(e));
+        };
+        match d.engine.largest_file(&dir, size_bytes) {
+            Ok(None) => {}
+            Ok(Some(max_bytes)) => {
+                tracing::info!(dir = %dir.display(), size_bytes, max_bytes, "volume refused: larger than the largest file the filesystem can hold");
+                return Err(OpError::VolumeTooLarge {
+                    size_gb: gb(size_bytes),
+                    size_bytes,
+                    max_gb: max_bytes / GB,
+                    max_bytes,
+                });
+            }
+            Err(e) => unknown("the largest file size", &e),
+        }
+        let Some(snap) = source else {
+            return Ok(());
+        };
+        let need = match d
+            .engine
+            .image_data_bytes(&d.chain_path(&snap.volume_id), snap.id)
+        {
+            Ok(n) => n,
+            Err(e) => {
+                unknown("how much data the snapshot holds", &e);
+                return Ok(());
+            }
+        };
+        match d.engine.free_bytes(&dir) {
+            Ok(free) if need > free => {
+                tracing::info!(dir = %dir.display(), snapshot = %snap.id, need, free, "volume refused: not enough free space");
+                Err(OpError::NoRoom {
+                    snapshot: snap.id,
+                    need,
+                    free,
+                })
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                unknown("the free space", &e);
+                Ok(())
+            }
+        }
     }
 
     /// Rename a volume, change its description or replace its metadata.
@@ -448,6 +504,20 @@ impl Ops {
             .device
             .clone()
             .ok_or_else(|| OpError::DeviceUnreadable(v.id.clone()))?;
+        // Cinder reverts only a volume of its snapshot's size: a grown one
+        // would keep its newer data past the snapshot's end, a shrunk one
+        // cannot hold it. The job checks again right before it writes.
+        let now = d
+            .device_size(&v)
+            .ok_or_else(|| OpError::DeviceUnreadable(v.id.clone()))?;
+        if now != snap.size_bytes {
+            return Err(OpError::RevertSizeDiffers {
+                volume: v.id.clone(),
+                snapshot: snap.id,
+                volume_bytes: now,
+                snapshot_bytes: snap.size_bytes,
+            });
+        }
         let claim = d
             .claims
             .acquire(vec![
@@ -486,6 +556,7 @@ impl Ops {
             device,
             chain: d.chain_path(&v.id),
             snapshot: snap.id,
+            snapshot_size: snap.size_bytes,
             resumed: false,
         };
         d.spawn(

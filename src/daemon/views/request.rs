@@ -198,6 +198,10 @@ pub fn bad_force(s: &str) -> RequestError {
     RequestError::Param(format!("Invalid value '{s}' for force. "))
 }
 
+pub fn bad_full(s: &str) -> RequestError {
+    RequestError::Param(format!("Invalid value '{s}' for full. "))
+}
+
 // ------------------------------------------------------------------ bodies
 
 /// The names a version gives to a name and a description.
@@ -216,6 +220,8 @@ fn name_fields(api: Option<Api>) -> (&'static [&'static str], &'static [&'static
 pub struct SnapshotCreate {
     pub volume_id: String,
     pub force: bool,
+    /// A full snapshot (blocksnap's extension, as in v1).
+    pub full: bool,
     pub name: Option<String>,
     pub description: Option<String>,
     pub metadata: BTreeMap<String, String>,
@@ -228,6 +234,7 @@ pub fn snapshot_create(api: Option<Api>, v: Value) -> Result<SnapshotCreate, Req
     Ok(SnapshotCreate {
         volume_id: f.required_string("volume_id")?,
         force: f.boolish("force", bad_force)?.unwrap_or(false),
+        full: f.boolish("full", bad_full)?.unwrap_or(false),
         name: f.first_string(names)?,
         description: f.first_string(descriptions)?,
         metadata: f.metadata("metadata")?.unwrap_or_default(),
@@ -732,6 +739,10 @@ mod tests {
         );
         let e = snapshot_create(v3(0), json!({"volume_id": "v", "force": "maybe"})).unwrap_err();
         assert_eq!(e.to_string(), "Invalid value 'maybe' for force. ");
+        let e = snapshot_create(v3(0), json!({"volume_id": "v", "full": "most"})).unwrap_err();
+        assert_eq!(e.to_string(), "Invalid value 'most' for full. ");
+        let r = snapshot_create(v3(0), json!({"volume_id": "v", "full": "true"})).unwrap();
+        assert!(r.full && !r.force);
         let e =
             snapshot_create(v3(0), json!({"volume_id": "v", "metadata": {"k": 1}})).unwrap_err();
         assert_eq!(
