@@ -14,6 +14,8 @@ have fincore || need+=(util-linux)
 [ -x /usr/bin/time ] || need+=(time)
 have systemd-analyze || need+=(systemd)
 have systemd-socket-activate || need+=(systemd)
+# Time zones for schedules (the calendar tests use Europe/Berlin).
+[ -e /usr/share/zoneinfo/Europe/Berlin ] || need+=(tzdata)
 if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

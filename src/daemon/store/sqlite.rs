@@ -1907,6 +1907,7 @@ mod tests {
             changed_bytes: 1,
             stored_bytes: 2,
             freeze_ms: 0.25,
+            scheduled_us: None,
         }
     }
 
