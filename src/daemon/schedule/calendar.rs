@@ -251,12 +251,14 @@ impl Schedule {
         let minutes = match unit.trim() {
             "m" | "min" | "mins" | "minute" | "minutes" => n,
             "h" | "hour" | "hours" => n.saturating_mul(60),
-            other => return Err(bad(
-                F,
-                format!(
+            other => {
+                return Err(bad(
+                    F,
+                    format!(
                     "unit {other:?} is not minutes or hours (\"every 15 minutes\", \"every 2h\")"
                 ),
-            )),
+                ))
+            }
         };
         if !(1..=24 * 60).contains(&minutes) {
             return Err(bad(F, "must be from 1 minute to 24 hours"));
