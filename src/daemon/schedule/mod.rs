@@ -466,7 +466,7 @@ impl Scheduler {
     /// Wait until snapshot `sid` is no longer being taken: `None` if it
     /// became available, else why not.
     fn wait_for_take(&self, d: &Daemon, sid: Uuid) -> Result<Option<String>, StoreError> {
-        let mut pause = Duration::from_millis(5);
+        let mut pause = Duration::from_millis(1);
         loop {
             match d.store().snapshot(sid)? {
                 None => return Ok(Some(format!("snapshot {sid} disappeared"))),
@@ -484,7 +484,7 @@ impl Scheduler {
                 ));
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(200));
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
 
@@ -615,7 +615,7 @@ impl Scheduler {
 
     /// Wait until a pruned snapshot's record is gone: `None`, or why not.
     fn wait_for_delete(&self, d: &Daemon, sid: Uuid) -> Result<Option<String>, StoreError> {
-        let mut pause = Duration::from_millis(5);
+        let mut pause = Duration::from_millis(1);
         loop {
             match d.store().snapshot(sid)? {
                 None => return Ok(None),
@@ -632,7 +632,7 @@ impl Scheduler {
                 return Ok(Some("the daemon stopped before the delete finished".into()));
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(200));
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
 
@@ -640,14 +640,17 @@ impl Scheduler {
     pub fn status(&self) -> Vec<ScheduleStatus> {
         self.entries
             .iter()
-            .map(|(id, s)| ScheduleStatus {
-                volume_id: id.clone(),
-                schedule: s.schedule.to_string(),
-                keep: s.keep,
-                prune_api_snapshots: s.prune_api_snapshots,
-                running: lock(&self.live).get(id).is_some_and(|l| l.running),
-                state: self.state_of(id).unwrap_or_default(),
-                next_run_us: self.next_run(id).map(us),
+            .map(|(id, s)| {
+                let running = lock(&self.live).get(id).is_some_and(|l| l.running);
+                ScheduleStatus {
+                    volume_id: id.clone(),
+                    schedule: s.schedule.to_string(),
+                    keep: s.keep,
+                    prune_api_snapshots: s.prune_api_snapshots,
+                    running,
+                    state: self.state_of(id).unwrap_or_default(),
+                    next_run_us: self.next_run(id).map(us),
+                }
             })
             .collect()
     }
