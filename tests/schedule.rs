@@ -111,6 +111,27 @@ fn an_hourly_schedule_runs_catches_up_once_and_prunes_on_the_real_daemon() {
         None,
     );
     assert_eq!(other.json()["schedules"].as_array().unwrap().len(), 2);
+    // The same view under the Cinder versions' prefixes.
+    for v in ["v2", "v3"] {
+        let r = http(
+            &d.socket,
+            "GET",
+            &format!("/{v}/{TENANT}/os-blocksnap-schedules"),
+            Some(TOKEN),
+            None,
+        );
+        assert_eq!(r.status, 200, "{v}: {}", r.body);
+        assert_eq!(r.json()["schedules"].as_array().unwrap().len(), 1);
+    }
+    // Another tenant's URL with this tenant's token is refused.
+    let r = http(
+        &d.socket,
+        "GET",
+        &format!("/v1/{TENANT2}/os-blocksnap-schedules"),
+        Some(TOKEN),
+        None,
+    );
+    assert_ne!(r.status, 200, "{}", r.body);
 
     // The first due time.
     set_clock(&clock, "2030-01-01T01:00:00Z");

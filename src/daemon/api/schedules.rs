@@ -1,4 +1,5 @@
-//! A blocksnap extension: `GET /v1/{tenant}/os-blocksnap-schedules`, the
+//! A blocksnap extension: `GET /v1/{tenant}/os-blocksnap-schedules` (and
+//! the same under /v2 and /v3), the
 //! scheduled volumes the tenant can see, each with its schedule, keep
 //! rules, last run (time, result, cause, snapshot) and next run.
 
@@ -13,7 +14,13 @@ use crate::daemon::schedule::ScheduleStatus;
 use crate::util::format_timestamp;
 
 pub(super) fn routes() -> Router<Shared> {
-    Router::new().route("/v1/{tenant}/os-blocksnap-schedules", get(schedules_list))
+    // The same view under every API version's prefix.
+    ["v1", "v2", "v3"].iter().fold(Router::new(), |r, v| {
+        r.route(
+            &format!("/{v}/{{tenant}}/os-blocksnap-schedules"),
+            get(schedules_list),
+        )
+    })
 }
 
 /// One scheduled volume as the API shows it (times as the API formats

@@ -163,6 +163,9 @@ pub struct Scheduler {
     entries: Vec<(String, VolumeSchedule)>,
     path: PathBuf,
     state: Mutex<BTreeMap<String, VolumeState>>,
+    /// Held from copying the state to writing it, so the file is never
+    /// replaced by an older copy.
+    saving: Mutex<()>,
     live: Mutex<BTreeMap<String, Live>>,
 }
 
@@ -237,6 +240,7 @@ impl Scheduler {
             entries,
             path,
             state: Mutex::new(state),
+            saving: Mutex::new(()),
             live: Mutex::new(BTreeMap::new()),
         };
         if let Err(e) = s.save() {
@@ -270,6 +274,7 @@ impl Scheduler {
 
     /// Write the state file (atomically, in the state directory).
     fn save(&self) -> Result<(), SaveError> {
+        let _saving = lock(&self.saving);
         let file = StateFile {
             version: 1,
             volumes: lock(&self.state).clone(),
