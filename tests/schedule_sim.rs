@@ -457,3 +457,29 @@ fn a_lost_state_file_means_no_catch_up_but_no_failure() {
     assert!(text.contains("\"hourly\""), "{text}");
     assert!(w.clock.now() == ts("2026-01-01T06:00:00Z"));
 }
+
+#[test]
+fn stricter_keep_rules_prune_at_the_next_start() {
+    let mut w = World::new(ts("2026-01-01T00:30:00Z"));
+    for h in 1..=10 {
+        let r = w.at(ts(&format!("2026-01-01T{h:02}:00:00Z")));
+        assert_eq!(runs_of(&r, "hourly"), [Outcome::Ok]);
+    }
+    // hourly = 6, daily = 3: the last six hours.
+    assert_eq!(w.scheduled_times("hourly").len(), 6);
+    assert_eq!(w.s().state_of("hourly").unwrap().pruned, 4);
+    w.stop();
+    let s = w.config.volumes[0].schedule.as_mut().unwrap();
+    s.keep = schedule::Keep {
+        hourly: 2,
+        ..schedule::Keep::default()
+    };
+    w.start();
+    // Pruned at start, before any run.
+    assert_eq!(
+        w.scheduled_times("hourly"),
+        ["2026-01-01T09:00:00Z", "2026-01-01T10:00:00Z"]
+    );
+    assert_eq!(w.s().state_of("hourly").unwrap().pruned, 8);
+    w.check_chain("hourly");
+}
