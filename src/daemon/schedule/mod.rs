@@ -335,8 +335,17 @@ impl Scheduler {
             return TEST_CLOCK_POLL;
         }
         let now = self.clock.now();
+        // A running volume is not due again before its run ends, and then
+        // its next due time is in the future (or, after a run longer than
+        // the interval, found at the next wake-up).
+        let running: Vec<String> = lock(&self.live)
+            .iter()
+            .filter(|(_, l)| l.running)
+            .map(|(id, _)| id.clone())
+            .collect();
         self.entries
             .iter()
+            .filter(|(id, _)| !running.contains(id))
             .filter_map(|(id, _)| self.next_run(id))
             .map(|t| {
                 let d = t.duration_since(now);
