@@ -1209,7 +1209,7 @@ mod tests {
                 7,
                 "hour: 25 is not in 0..23",
             ),
-            ("schedule = \"sometimes\"\n", 7, "weekday"),
+            ("schedule = \"sometimes\"\n", 7, "not a schedule"),
             ("schedule = \"every 10 seconds\"\n", 7, "interval"),
             ("schedule = 5\n", 7, "invalid type"),
             (

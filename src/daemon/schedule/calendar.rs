@@ -281,6 +281,14 @@ impl Schedule {
                 words.pop();
             }
         }
+        if let [one] = words.as_slice() {
+            if one.chars().all(|c| c.is_ascii_alphabetic()) && weekday_index(one).is_none() {
+                return Err(bad(
+                    "schedule",
+                    format!("{one:?} is not a schedule: use hourly, daily, weekly, monthly, \"every N minutes\" or a calendar expression"),
+                ));
+            }
+        }
         let mut weekdays = 0x7f;
         if let Some(first) = words.first() {
             if first.starts_with(|c: char| c.is_ascii_alphabetic()) {
@@ -674,7 +682,8 @@ mod tests {
     fn mistakes_name_their_field() {
         for (text, field, needle) in [
             ("", "schedule", "empty"),
-            ("sometimes", "weekday", "not a weekday"),
+            ("sometimes", "schedule", "not a schedule"),
+            ("Mon,Someday 12:00", "weekday", "not a weekday"),
             ("every", "interval", "not a number"),
             ("every 0 minutes", "interval", "1 minute"),
             ("every 25h", "interval", "24 hours"),
