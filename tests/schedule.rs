@@ -91,7 +91,12 @@ fn an_hourly_schedule_runs_catches_up_once_and_prunes_on_the_real_daemon() {
     let mut d = DaemonProc::start_with_env(
         "",
         &volumes,
-        &[("BLOCKSNAP_TEST_CLOCK_FILE", clock_env.as_str())],
+        // Local time UTC, whatever the host's zone: "hourly" is then due
+        // on the UTC hours this test expects.
+        &[
+            ("BLOCKSNAP_TEST_CLOCK_FILE", clock_env.as_str()),
+            ("TZ", "UTC"),
+        ],
     );
 
     // Tenant-scoped: the first tenant sees only its volume's schedule.
