@@ -61,6 +61,7 @@ fn snapshot(i: u64, volumes: u64, big: bool) -> SnapshotRecord {
         changed_bytes: 1 << 30,
         stored_bytes: 900 << 20,
         freeze_ms: 12.5,
+        scheduled_us: None,
     }
 }
 

@@ -23,6 +23,8 @@ have python3 || need+=(python3)
 if have python3 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     need+=(python3-venv)
 fi
+# Time zones for schedules (the calendar tests use Europe/Berlin).
+[ -e /usr/share/zoneinfo/Europe/Berlin ] || need+=(tzdata)
 if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

@@ -73,6 +73,19 @@ struct RawVolume {
     backup_remote: Option<Spanned<String>>,
     track_writes: Option<bool>,
     verify_every: Option<Spanned<i64>>,
+    schedule: Option<Spanned<String>>,
+    keep: Option<Spanned<RawKeep>>,
+    prune_api_snapshots: Option<Spanned<bool>>,
+}
+
+/// `keep = { hourly = 24, daily = 7, weekly = 4, monthly = 12 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeep {
+    hourly: Option<Spanned<i64>>,
+    daily: Option<Spanned<i64>>,
+    weekly: Option<Spanned<i64>>,
+    monthly: Option<Spanned<i64>>,
 }
 
 /// A byte count: an integer, or a string with a unit ("16 MiB", "50MB/s").
@@ -187,7 +200,22 @@ pub struct Volume {
     /// Every Nth snapshot reads the whole device and checks tracking against
     /// it (0: never; default [`DEFAULT_VERIFY_EVERY`]).
     pub verify_every: u32,
+    /// Snapshots taken on a schedule, and how long they are kept.
+    pub schedule: Option<VolumeSchedule>,
 }
+
+/// A volume's `schedule`, `keep` and `prune_api_snapshots`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeSchedule {
+    pub schedule: crate::daemon::schedule::Schedule,
+    pub keep: crate::daemon::schedule::Keep,
+    /// Whether the keep rules prune snapshots made through the API too
+    /// (default false: those stay until they are deleted).
+    pub prune_api_snapshots: bool,
+}
+
+/// The largest count a keep rule takes.
+pub const MAX_KEEP: i64 = 100_000;
 
 /// Default of `verify_every`: with hourly snapshots, once a day.
 pub const DEFAULT_VERIFY_EVERY: u32 = 24;
@@ -572,6 +600,7 @@ impl Config {
                     ))
                 }
             };
+            let schedule = parse_volume_schedule(v, &id, &err)?;
             volumes.push(Volume {
                 id,
                 device,
@@ -584,6 +613,7 @@ impl Config {
                 backup_remote,
                 track_writes: v.track_writes.unwrap_or(true),
                 verify_every,
+                schedule,
             });
         }
         Ok(Config {
@@ -604,6 +634,73 @@ impl Config {
             remotes,
         })
     }
+}
+
+/// A volume's `schedule`, `keep` and `prune_api_snapshots`, checked.
+fn parse_volume_schedule(
+    v: &RawVolume,
+    id: &str,
+    err: &dyn Fn(usize, String) -> ConfigError,
+) -> Result<Option<VolumeSchedule>, ConfigError> {
+    let Some(text) = &v.schedule else {
+        if let Some(k) = &v.keep {
+            return Err(err(
+                k.span().start,
+                format!("keep of volume {id} needs a schedule (keep rules prune only scheduled snapshots); add schedule = \"hourly\" or remove keep"),
+            ));
+        }
+        if let Some(p) = &v.prune_api_snapshots {
+            return Err(err(
+                p.span().start,
+                format!("prune_api_snapshots of volume {id} needs a schedule and keep rules"),
+            ));
+        }
+        return Ok(None);
+    };
+    let schedule = crate::daemon::schedule::Schedule::parse(text.get_ref()).map_err(|e| {
+        err(
+            text.span().start,
+            format!(
+                "schedule {:?} of volume {id}: {e} (examples: \"hourly\", \"daily\", \"every 15 minutes\", \"Mon..Fri *-*-* 02:30\")",
+                text.get_ref()
+            ),
+        )
+    })?;
+    let mut keep = crate::daemon::schedule::Keep::default();
+    if let Some(k) = &v.keep {
+        let k = k.get_ref();
+        for (name, raw, slot) in [
+            ("hourly", &k.hourly, &mut keep.hourly),
+            ("daily", &k.daily, &mut keep.daily),
+            ("weekly", &k.weekly, &mut keep.weekly),
+            ("monthly", &k.monthly, &mut keep.monthly),
+        ] {
+            if let Some(n) = raw {
+                if !(0..=MAX_KEEP).contains(n.get_ref()) {
+                    return Err(err(
+                        n.span().start,
+                        format!("keep.{name} of volume {id} must be a count from 0 to {MAX_KEEP}"),
+                    ));
+                }
+                *slot = *n.get_ref() as u32;
+            }
+        }
+    }
+    let prune_api_snapshots = match &v.prune_api_snapshots {
+        None => false,
+        Some(p) if *p.get_ref() && keep.is_empty() => {
+            return Err(err(
+                p.span().start,
+                format!("prune_api_snapshots of volume {id} needs keep rules (without keep nothing is pruned)"),
+            ))
+        }
+        Some(p) => *p.get_ref(),
+    };
+    Ok(Some(VolumeSchedule {
+        schedule,
+        keep,
+        prune_api_snapshots,
+    }))
 }
 
 /// Read only the `[[remotes]]` of a configuration file: the daemon's, or a
@@ -1063,6 +1160,86 @@ mod tests {
                 e.to_string().starts_with("/etc/blocksnap/test.toml:"),
                 "{e}"
             );
+        }
+    }
+
+    #[test]
+    fn schedules_and_keep_rules() {
+        let img = image();
+        let dev = img.path().display();
+        let c = parse(&format!(
+            "{TOKENS}[[volumes]]\nid = \"v\"\ndevice = \"{dev}\"\nschedule = \"Mon..Fri *-*-* 02:30\"\nkeep = {{ hourly = 24, monthly = 12 }}\nprune_api_snapshots = true\n"
+        ))
+        .unwrap();
+        let s = c.volumes[0].schedule.as_ref().unwrap();
+        assert_eq!(s.schedule.to_string(), "Mon..Fri *-*-* 02:30");
+        assert_eq!(
+            s.keep,
+            crate::daemon::schedule::Keep {
+                hourly: 24,
+                monthly: 12,
+                ..Default::default()
+            }
+        );
+        assert!(s.prune_api_snapshots);
+        let c = parse(&format!(
+            "{TOKENS}[[volumes]]\nid = \"v\"\ndevice = \"{dev}\"\nschedule = \"every 15 minutes\"\n"
+        ))
+        .unwrap();
+        let s = c.volumes[0].schedule.as_ref().unwrap();
+        assert!(s.keep.is_empty());
+        assert!(!s.prune_api_snapshots);
+        let c = parse(&format!(
+            "{TOKENS}[[volumes]]\nid = \"v\"\ndevice = \"{dev}\"\n"
+        ))
+        .unwrap();
+        assert!(c.volumes[0].schedule.is_none());
+    }
+
+    #[test]
+    fn schedule_mistakes_name_their_line_and_field() {
+        let img = image();
+        let vol = format!(
+            "{TOKENS}[[volumes]]\nid = \"v\"\ndevice = \"{}\"\n",
+            img.path().display()
+        );
+        for (extra, line, needle) in [
+            (
+                "schedule = \"*-*-* 25:00\"\n",
+                7,
+                "hour: 25 is not in 0..23",
+            ),
+            ("schedule = \"sometimes\"\n", 7, "not a schedule"),
+            ("schedule = \"every 10 seconds\"\n", 7, "interval"),
+            ("schedule = 5\n", 7, "invalid type"),
+            (
+                "schedule = \"daily\"\nkeep = { hourly = 24, yearly = 2 }\n",
+                8,
+                "unknown field",
+            ),
+            (
+                "schedule = \"daily\"\nkeep = { daily = -1 }\n",
+                8,
+                "keep.daily",
+            ),
+            (
+                "schedule = \"daily\"\nkeep = { daily = 1 }\nprune_api_snapshots = \"yes\"\n",
+                9,
+                "invalid type",
+            ),
+            ("keep = { daily = 7 }\n", 7, "needs a schedule"),
+            ("prune_api_snapshots = false\n", 7, "needs a schedule"),
+            (
+                "schedule = \"daily\"\nprune_api_snapshots = true\n",
+                8,
+                "needs keep rules",
+            ),
+            ("schedulle = \"daily\"\n", 7, "unknown field"),
+        ] {
+            let text = format!("{vol}{extra}");
+            let e = parse(&text).expect_err(&text);
+            assert_eq!(e.line, line, "wrong line for {needle:?}: {e}\n{text}");
+            assert!(e.message.contains(needle), "{e} lacks {needle:?}");
         }
     }
 

@@ -12,6 +12,7 @@
 pub mod backup;
 pub mod chain;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod defaults;

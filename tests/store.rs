@@ -99,6 +99,7 @@ fn snapshot_strategy() -> impl Strategy<Value = SnapshotRecord> {
                 changed_bytes: n as u64,
                 stored_bytes: 7,
                 freeze_ms: 0.1 * n as f64,
+                scheduled_us: None,
             },
         )
 }
@@ -334,6 +335,7 @@ fn crash_snapshot(i: u128) -> SnapshotRecord {
         changed_bytes: 0,
         stored_bytes: 0,
         freeze_ms: 0.0,
+        scheduled_us: None,
     }
 }
 

@@ -64,6 +64,12 @@ pub struct SnapshotRecord {
     pub stored_bytes: u64,
     #[serde(default)]
     pub freeze_ms: f64,
+    /// Taken by the volume's schedule: the time of that run (the
+    /// scheduler's clock, microseconds since the epoch); `None` for a
+    /// snapshot made through the API. Only scheduled snapshots are pruned
+    /// by the keep rules (unless the config says otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_us: Option<i64>,
 }
 
 /// What a volume is.
@@ -208,6 +214,7 @@ mod tests {
                 changed_bytes: 0,
                 stored_bytes: 0,
                 freeze_ms: 0.0,
+                scheduled_us: None,
             },
         );
         c.save(&p).unwrap();

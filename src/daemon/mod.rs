@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod microversion;
 pub mod ops;
 mod reconcile;
+pub mod schedule;
 pub mod server;
 pub mod sim;
 pub mod store;
@@ -110,6 +111,8 @@ pub struct Daemon {
     pub metrics: metrics::Metrics,
     running: Mutex<usize>,
     idle: std::sync::Condvar,
+    /// The scheduler, once installed (`schedule::install`).
+    scheduler: std::sync::OnceLock<Arc<schedule::Scheduler>>,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
@@ -210,6 +213,7 @@ impl Daemon {
             shutdown: Arc::new(AtomicBool::new(false)),
             running: Mutex::new(0),
             idle: std::sync::Condvar::new(),
+            scheduler: std::sync::OnceLock::new(),
             _lock: lock_file,
             config,
         });
@@ -493,6 +497,11 @@ impl Daemon {
             .wait_timeout_while(n, timeout, |n| *n > 0)
             .unwrap_or_else(|p| p.into_inner());
         *n == 0
+    }
+
+    /// The scheduler of the configured schedules, if one is installed.
+    pub fn scheduler(&self) -> Option<&Arc<schedule::Scheduler>> {
+        self.scheduler.get()
     }
 
     /// The operations layer.

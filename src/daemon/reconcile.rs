@@ -132,6 +132,7 @@ fn snapshots_of(d: &Daemon, v: &VolumeInfo) -> Result<(), StoreError> {
             changed_bytes: s.changed_bytes,
             stored_bytes: s.stored_bytes,
             freeze_ms: s.freeze_us as f64 / 1000.0,
+            scheduled_us: None,
         }));
     }
     d.apply(&changes)

@@ -33,7 +33,7 @@ pub struct ClientArgs {
     token_file: PathBuf,
     /// Print JSON instead of tables
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -112,7 +112,7 @@ pub enum VolumeCommand {
     },
 }
 
-fn client(a: &ClientArgs) -> Result<Client, Failure> {
+pub(crate) fn client(a: &ClientArgs) -> Result<Client, Failure> {
     let file = TokenFile::load(&a.token_file).map_err(|m| Failure {
         code: crate::EXIT_FAILED,
         message: m,
@@ -143,7 +143,7 @@ fn client(a: &ClientArgs) -> Result<Client, Failure> {
     })
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -297,7 +297,7 @@ fn failed_status(v: &Value, what: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-fn print_json(v: &Value) {
+pub(crate) fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
 }
 

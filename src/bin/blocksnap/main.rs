@@ -5,6 +5,7 @@
 mod backup_cmd;
 mod chain_cmd;
 mod client_cmd;
+mod schedule_cmd;
 mod thaw_cmd;
 
 use std::process::ExitCode;
@@ -43,6 +44,13 @@ enum Command {
     Snapshot {
         #[command(subcommand)]
         command: client_cmd::SnapshotCommand,
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
+    },
+    /// Scheduled snapshots through blocksnapd (list: last and next runs)
+    Schedule {
+        #[command(subcommand)]
+        command: schedule_cmd::ScheduleCommand,
         #[command(flatten)]
         client: client_cmd::ClientArgs,
     },
@@ -99,6 +107,7 @@ fn main() -> ExitCode {
         Command::Thaw(a) => thaw_cmd::run(a),
         Command::Snapshot { command, client } => client_cmd::snapshot(command, client),
         Command::Volume { command, client } => client_cmd::volume(command, client),
+        Command::Schedule { command, client } => schedule_cmd::schedule(command, client),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

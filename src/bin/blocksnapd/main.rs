@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use blocksnap::clock::{Clock, FileClock, SystemClock, TEST_CLOCK_ENV};
 use blocksnap::config::{Config, DEFAULT_CONFIG};
 use blocksnap::daemon::engine::HostEngine;
 use blocksnap::daemon::store::SqliteStore;
 use blocksnap::daemon::store::Store;
-use blocksnap::daemon::{server, Daemon};
+use blocksnap::daemon::{schedule, server, Daemon};
 use blocksnap::util::error_chain;
 use clap::Parser;
 
@@ -143,6 +144,21 @@ fn main() -> ExitCode {
             }),
         )?;
         let l = server::listen(&d)?;
+        // Scheduled snapshots: on the real clock, or (tests only) on the
+        // time in BLOCKSNAP_TEST_CLOCK_FILE.
+        let clock: Arc<dyn Clock> = match FileClock::from_env() {
+            Some(c) => {
+                tracing::warn!(
+                    "{TEST_CLOCK_ENV} is set: schedules run on the time read from {} (for tests only)",
+                    std::env::var(TEST_CLOCK_ENV).unwrap_or_default()
+                );
+                Arc::new(c)
+            }
+            None => Arc::new(SystemClock),
+        };
+        if let Some(s) = schedule::install(&d, clock, schedule::Scheduler::local_time_zone()) {
+            tokio::spawn(schedule::run_loop(d.clone(), s));
+        }
         if let Some(demo) = &demo {
             println!("{}", demo::instructions(demo));
         }

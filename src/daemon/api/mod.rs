@@ -5,6 +5,7 @@
 //! - `snapshots`: /v1/{tenant}/snapshots[/detail|/{id}]
 //! - `metadata`: /v1/{tenant}/snapshots/{id}/metadata[/{key}]
 //! - `volumes`: /v1/{tenant}/volumes[/detail|/{id}|/{id}/action]
+//! - `schedules`: /v1/{tenant}/os-blocksnap-schedules (an extension)
 //!
 //! Authentication (token → tenant), peer checks and request ids are
 //! middleware here.
@@ -13,6 +14,7 @@ pub mod body;
 mod cinder;
 pub mod errors;
 mod metadata;
+mod schedules;
 mod snapshots;
 mod volumes;
 
@@ -225,6 +227,7 @@ pub fn router(d: Shared) -> Router {
         .merge(metadata::routes())
         .merge(volumes::routes())
         .merge(cinder::routes())
+        .merge(schedules::routes())
         .route_layer(axum::middleware::from_fn_with_state(d.clone(), auth))
         .merge(cinder::discovery_routes())
         .route_layer(axum::middleware::from_fn(cinder::versioned));
@@ -258,6 +261,9 @@ async fn metrics(State(d): State<Shared>, headers: HeaderMap) -> ApiResult<Respo
     let caller = Caller::new(token_tenant(&d, &headers)?);
     let visible = run(&d, move |ops| ops.visible_volume_ids(&caller)).await?;
     let mut text = d.metrics.render(&visible);
+    if let Some(s) = d.scheduler() {
+        text.push_str(&s.render_metrics(&visible));
+    }
     text.push_str(&format!(
         "# HELP blocksnap_operations_running Operations running now.\n# TYPE blocksnap_operations_running gauge\nblocksnap_operations_running {}\n",
         d.running()

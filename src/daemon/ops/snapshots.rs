@@ -43,6 +43,15 @@ pub struct CreateSnapshot {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// Who a snapshot is taken for.
+#[derive(Clone, Copy, Debug)]
+enum Origin<'a> {
+    /// A request of this caller.
+    Api(&'a Caller),
+    /// The volume's schedule, its run at this time (microseconds).
+    Schedule(i64),
+}
+
 /// New name and description (what is `None` stays).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UpdateSnapshot {
@@ -132,6 +141,22 @@ impl Ops {
     /// Start a snapshot of a volume: answered once its record (status
     /// creating) is durable; the take runs in the background.
     pub fn create_snapshot(&self, c: &Caller, req: CreateSnapshot) -> Result<Snapshot, OpError> {
+        self.start_snapshot(Origin::Api(c), req)
+    }
+
+    /// Start a scheduled snapshot of a volume (the scheduler's run at
+    /// `run_us`): the same operation as [`Ops::create_snapshot`], with the
+    /// same claims, but owned by no tenant (whoever sees the volume sees
+    /// it) and marked scheduled, so only the keep rules prune it.
+    pub(crate) fn create_scheduled_snapshot(
+        &self,
+        run_us: i64,
+        req: CreateSnapshot,
+    ) -> Result<Snapshot, OpError> {
+        self.start_snapshot(Origin::Schedule(run_us), req)
+    }
+
+    fn start_snapshot(&self, origin: Origin<'_>, req: CreateSnapshot) -> Result<Snapshot, OpError> {
         check_text(Field::Name, req.name.as_deref())?;
         check_text(Field::Description, req.description.as_deref())?;
         check_items(&req.metadata)?;
@@ -140,7 +165,13 @@ impl Ops {
             &MetadataChange::Merge(req.metadata),
             false,
         )?;
-        let vol = self.find_volume(c, &req.volume_id)?;
+        let vol = match origin {
+            Origin::Api(c) => self.find_volume(c, &req.volume_id)?,
+            Origin::Schedule(_) => self
+                .d
+                .volume(&req.volume_id)?
+                .ok_or_else(|| OpError::VolumeNotFound(super::clean_id(&req.volume_id)))?,
+        };
         let d = &self.d;
         let mounted = d.mounted(&vol).unwrap_or(false);
         let size = d.device_size(&vol);
@@ -172,7 +203,10 @@ impl Ops {
         let record = SnapshotRecord {
             id,
             volume_id: vol.id.clone(),
-            tenant: Some(c.tenant.clone()),
+            tenant: match origin {
+                Origin::Api(c) => Some(c.tenant.clone()),
+                Origin::Schedule(_) => None,
+            },
             status: SnapStatus::Creating,
             display_name: req.name.unwrap_or_default(),
             display_description: req.description.unwrap_or_default(),
@@ -184,6 +218,10 @@ impl Ops {
             changed_bytes: 0,
             stored_bytes: 0,
             freeze_ms: 0.0,
+            scheduled_us: match origin {
+                Origin::Schedule(t) => Some(t),
+                Origin::Api(_) => None,
+            },
         };
         // Under the claim: check the volume was not marked meanwhile (a
         // revert that just failed halfway records that before it releases).
@@ -264,6 +302,22 @@ impl Ops {
     /// the delete (and the merge into its successor) runs in the background.
     pub fn delete_snapshot(&self, c: &Caller, id: &str) -> Result<(), OpError> {
         let r = self.find_snapshot_record(c, id)?;
+        self.start_delete(r)
+    }
+
+    /// Start deleting a snapshot the keep rules no longer keep: the same
+    /// operation as [`Ops::delete_snapshot`] (claims, merge), on the
+    /// scheduler's behalf.
+    pub(crate) fn prune_snapshot(&self, id: Uuid) -> Result<(), OpError> {
+        let r = self
+            .d
+            .store()
+            .snapshot(id)?
+            .ok_or_else(|| OpError::SnapshotNotFound(id.to_string()))?;
+        self.start_delete(r)
+    }
+
+    fn start_delete(&self, r: SnapshotRecord) -> Result<(), OpError> {
         let deletable = |s: SnapStatus| matches!(s, SnapStatus::Available | SnapStatus::Error);
         if !deletable(r.status) {
             return Err(OpError::SnapshotNotDeletable);

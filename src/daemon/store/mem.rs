@@ -286,6 +286,7 @@ mod tests {
             changed_bytes: 0,
             stored_bytes: 0,
             freeze_ms: 0.0,
+            scheduled_us: None,
         }
     }
 

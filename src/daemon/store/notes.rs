@@ -310,6 +310,7 @@ mod tests {
             changed_bytes: 0,
             stored_bytes: 0,
             freeze_ms: 0.5,
+            scheduled_us: Some(4),
         }
     }
 

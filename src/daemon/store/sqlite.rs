@@ -1907,6 +1907,9 @@ mod tests {
             changed_bytes: 1,
             stored_bytes: 2,
             freeze_ms: 0.25,
+            // A scheduled one's mark round-trips (a field with a serde
+            // default: no migration).
+            scheduled_us: (n % 2 == 0).then_some(n as i64 + 7),
         }
     }
 
