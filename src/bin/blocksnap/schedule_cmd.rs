@@ -7,25 +7,12 @@ use serde_json::Value;
 
 use crate::client_cmd::{client, print_json, runtime, ClientArgs};
 use crate::Failure;
+use blocksnap::util::printable;
 
 #[derive(Subcommand, Debug)]
 pub enum ScheduleCommand {
     /// List the scheduled volumes: schedule, keep rules, last run and its result, next run
     List,
-}
-
-/// Text from the daemon, safe to print on a terminal: control characters
-/// are escaped.
-fn printable(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 fn text(v: &Value) -> String {
@@ -34,6 +21,7 @@ fn text(v: &Value) -> String {
         Value::Null => "-".to_string(),
         other => other.to_string(),
     })
+    .into_owned()
 }
 
 /// An API time ("2026-01-01T01:00:00.000000", UTC) to the second.
