@@ -180,8 +180,8 @@ pub struct TakeOutcome {
 const SETTLED_BLOCKS: usize = 64;
 const MAX_ROUNDS: u32 = 8;
 /// Largest single read of written blocks, and readers kept busy at once.
-const DIRECT_READ: usize = 1 << 20;
-const DIRECT_READERS: usize = 4;
+const DIRECT_READ: usize = 256 << 10;
+const DIRECT_READERS: usize = 16;
 /// Verification remembers at most this many unreported changed blocks.
 const MAX_CANDIDATES: usize = 1 << 20;
 
