@@ -234,14 +234,6 @@ impl Book {
         })
     }
 
-    /// Forget a record.
-    pub(crate) fn remove(&self, release: Option<&JobClaim>, id: Uuid) -> Result<(), BookError> {
-        self.write(release, |m| {
-            m.remove(&id);
-            Ok::<_, BookError>(())
-        })
-    }
-
     /// Live progress of a running backup.
     pub fn progress_of(&self, id: Uuid) -> Option<Arc<Progress>> {
         lock(&self.progress).get(&id).cloned()

@@ -576,7 +576,15 @@ fn delete(d: &Daemon, claim: &JobClaim, remote: &RemoteConfig, volume: &str, id:
         }
     }
     tracing::info!(volume = %volume, backup = %id, "backup deleted");
-    if let Err(e) = d.backups.remove(Some(claim), id) {
+    // As on the remote: its children now build on its parent (or are full).
+    let forgot = d.backups.write(Some(claim), |m| {
+        let parent = m.remove(&id).and_then(|r| r.parent_id);
+        for r in m.values_mut().filter(|r| r.parent_id == Some(id)) {
+            r.parent_id = parent;
+        }
+        Ok::<_, crate::daemon::backups::BookError>(())
+    });
+    if let Err(e) = forgot {
         tracing::error!(backup = %id, "cannot forget the deleted backup: {}", error_chain(&e));
     }
 }
