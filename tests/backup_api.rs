@@ -298,7 +298,10 @@ fn backups_through_the_v3_api_restore_into_new_volumes() {
     assert_eq!(r.status, 202, "{}", r.body);
     assert!(wait_backup(&d, &b1).is_null(), "{}", d.log_text());
     let b = v3(&d, "GET", &format!("/backups/{b2}"), None).json()["backup"].clone();
-    assert_eq!(b["is_incremental"], false, "merged with its full parent: {b}");
+    assert_eq!(
+        b["is_incremental"], false,
+        "merged with its full parent: {b}"
+    );
     assert_eq!(b["blocksnap:parent_id"], Value::Null);
     assert_same(
         &restore_bytes(&d, &b2, "back2-again"),
