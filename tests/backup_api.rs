@@ -28,10 +28,14 @@ fn v3(d: &DaemonProc, method: &str, path: &str, body: Option<&str>) -> Resp {
 /// The daemon with `vol-a` (backed up to the remote) and `vol-plain` (no
 /// backup_remote), both image files of `size` bytes under `dir`.
 fn daemon(dir: &Path, files: &RemoteFiles, size: u64) -> DaemonProc {
+    daemon_with(dir, files, size, &[])
+}
+
+fn daemon_with(dir: &Path, files: &RemoteFiles, size: u64, env: &[(&str, &str)]) -> DaemonProc {
     make_image(&dir.join("a.img"), size, 3);
     make_image(&dir.join("plain.img"), 1 << 20, 4);
     let remotes = std::fs::read_to_string(&files.config).unwrap();
-    DaemonProc::start(
+    DaemonProc::start_with_env(
         "",
         &format!(
             "{remotes}\n{}\n{}",
@@ -42,6 +46,7 @@ fn daemon(dir: &Path, files: &RemoteFiles, size: u64) -> DaemonProc {
             ),
             volume_toml(PLAIN, &dir.join("plain.img"), "")
         ),
+        env,
     )
 }
 
@@ -362,7 +367,9 @@ fn the_cli_backs_up_and_lists_through_the_daemon() {
     let server = S3Server::start();
     let files = remote_files(&server.endpoint(), None, "");
     let dir = tempfile::tempdir().unwrap();
-    let d = daemon(dir.path(), &files, 2 << 20);
+    // Everything logged, the HTTP client's trace (signed URLs) included,
+    // were it let through.
+    let d = daemon_with(dir.path(), &files, 2 << 20, &[("BLOCKSNAP_LOG", "trace")]);
     let sock = d.socket.display().to_string();
     let client = [
         "--socket",
@@ -456,4 +463,10 @@ fn the_cli_backs_up_and_lists_through_the_daemon() {
     let out = run(&["backup", "create", PLAIN]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("backup_remote"));
+    let log = d.log_text();
+    assert!(log.contains("backup available"), "{log}");
+    assert!(
+        !log.contains(ACCESS_KEY) && !log.contains(SECRET_KEY),
+        "credentials reached the daemon's log"
+    );
 }
