@@ -10,6 +10,7 @@
 //! what is right: the answers, and the data (a volume made from a snapshot
 //! and a reverted volume are compared byte for byte with the snapshot).
 
+mod backup_support;
 mod common;
 
 use std::net::{TcpListener, TcpStream};
@@ -160,13 +161,28 @@ struct Setup {
 
 impl Setup {
     fn new(seed: u64) -> Setup {
+        Setup::with(seed, "", "")
+    }
+
+    /// With `extra` TOML after the volume (remotes) and `vol_extra` in it.
+    fn with(seed: u64, extra: &str, vol_extra: &str) -> Setup {
         let vol = Loop::new(64 << 20);
         mkfs("ext4", &vol.dev);
         let m = Mounted::new(&vol.dev, "ext4", "");
         let content = random_bytes(seed, FILE_BYTES);
         std::fs::write(m.dir.join("data"), &content).unwrap();
         nix::unistd::sync();
-        let d = DaemonProc::start("", &volume_toml(VOL, &vol.dev, "display_name = \"data\""));
+        let d = DaemonProc::start(
+            "",
+            &format!(
+                "{}\n{extra}",
+                volume_toml(
+                    VOL,
+                    &vol.dev,
+                    &format!("display_name = \"data\"\n{vol_extra}")
+                )
+            ),
+        );
         let bridge = Bridge::new(&d.socket);
         Setup {
             mount: Some(m),
@@ -397,6 +413,77 @@ fn cinderclient_python_api_on_the_unix_socket() {
     check_snapshot(&c.run("snapshot", &[&sid]), "unix", "over the socket");
     c.run("delete-snapshot", &[&sid]);
     wait_snapshot_gone(&s, &sid);
+}
+
+/// A boolean as a client shows it: JSON, or Python's text in a CLI table.
+fn flag(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::String(s) if s == "True" => Some(true),
+        Value::String(s) if s == "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// Poll a backup through a client until it is no longer creating.
+fn wait_backup(c: &Client, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let b = c.run("backup", &[id]);
+        if b["status"] != "creating" {
+            return b;
+        }
+        assert!(Instant::now() < deadline, "backup {id} stuck: {b}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// cinderclient 9's backup-create/-list/-show/-delete (CLI) and its Python
+/// API's backups and restores, against moto.
+#[test]
+fn cinderclient_backups() {
+    let test = "cinderclient_backups";
+    if !root(test) || !backup_support::have_server(test) {
+        return;
+    }
+    let Some(py) = client_python(test, "current") else {
+        return;
+    };
+    let server = backup_support::S3Server::start();
+    let files = backup_support::remote_files(&server.endpoint(), None, "");
+    let remotes = std::fs::read_to_string(&files.config).unwrap();
+    let s = Setup::with(97, &remotes, "backup_remote = \"s3\"");
+    let cli = s.client(&py, "cinder-cli", "v3");
+    let api = s.client(&py, "cinder-api", "v3");
+
+    let b = cli.run("backup-create", &[VOL, "nightly", "false"]);
+    let id = b["id"].as_str().unwrap().to_string();
+    let b = wait_backup(&api, &id);
+    assert_eq!(b["status"], "available", "{b}\n{}", s.d.log_text());
+    assert_eq!(flag(&b["is_incremental"]), Some(false), "{b}");
+    assert_eq!(b["name"], "nightly", "{b}");
+    let b2 = api.run("backup-create", &[VOL, "incr", "true"]);
+    let id2 = b2["id"].as_str().unwrap().to_string();
+    let b2 = wait_backup(&cli, &id2);
+    assert_eq!(b2["status"], "available", "{b2}\n{}", s.d.log_text());
+    assert_eq!(flag(&b2["is_incremental"]), Some(true), "{b2}");
+    let listed = ids(&cli.run("backups", &[]));
+    assert!(listed.contains(&id) && listed.contains(&id2), "{listed:?}");
+    assert_eq!(ids(&api.run("backups", &[])).len(), 2);
+
+    // A restore makes a new volume holding the snapshot the backup holds.
+    let r = api.run("backup-restore", &[&id2, "restored"]);
+    assert_eq!(r["backup_id"], id2.as_str(), "{r}");
+    assert_eq!(r["volume_name"], "restored", "{r}");
+    let snap = b2["snapshot_id"].as_str().unwrap().to_string();
+    check_made_volume(&s, r["volume_id"].as_str().unwrap(), &snap);
+
+    cli.run("backup-delete", &[&id]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ids(&api.run("backups", &[])).contains(&id) {
+        assert!(Instant::now() < deadline, "backup {id} not deleted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

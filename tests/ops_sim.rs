@@ -9,10 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blocksnap::config::Config;
+use blocksnap::daemon::backups::BackupStatus;
 use blocksnap::daemon::catalog::{SnapStatus, VolStatus};
 use blocksnap::daemon::ops::{
-    Caller, CreateSnapshot, CreateVolume, MetadataChange, OpError, Ops, RevertVolume,
-    UpdateSnapshot, VolumeStatus,
+    Caller, CreateBackup, CreateSnapshot, CreateVolume, MetadataChange, OpError, Ops,
+    RestoreBackup, RevertVolume, UpdateSnapshot, VolumeStatus,
 };
 use blocksnap::daemon::sim::{Action, SimEngine, Step};
 use blocksnap::daemon::store::{MemStore, SnapshotQuery, Store, VolumeQuery};
@@ -42,13 +43,33 @@ fn blocks(seed: u64) -> Vec<u64> {
 
 impl World {
     fn new() -> World {
+        World::build(false)
+    }
+
+    /// With `remote`, vol-a backs up to remote "sim" (the simulator's).
+    fn build(remote: bool) -> World {
         let dir = tempfile::tempdir().unwrap();
         let mut vols = String::new();
+        if remote {
+            use std::os::unix::fs::PermissionsExt;
+            let creds = dir.path().join("creds.toml");
+            std::fs::write(&creds, "access_key_id = \"a\"\nsecret_access_key = \"b\"\n").unwrap();
+            std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+            vols.push_str(&format!(
+                "[[remotes]]\nname = \"sim\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"sim-bucket\"\ncredentials_file = \"{}\"\n\n",
+                creds.display()
+            ));
+        }
         for (v, tenant) in [("vol-a", Some(T1)), ("vol-b", None)] {
             let dev = dir.path().join(format!("{v}.img"));
             std::fs::write(&dev, b"sim").unwrap();
+            let backup = if remote && v == "vol-a" {
+                "backup_remote = \"sim\"\n"
+            } else {
+                ""
+            };
             vols.push_str(&format!(
-                "[[volumes]]\nid = \"{v}\"\ndevice = \"{}\"\nquiesce = \"none\"\n{}\n",
+                "[[volumes]]\nid = \"{v}\"\ndevice = \"{}\"\nquiesce = \"none\"\n{backup}{}\n",
                 dev.display(),
                 tenant
                     .map(|t| format!("tenant = \"{t}\""))
@@ -209,6 +230,130 @@ fn a_snapshot_a_volume_is_being_made_from_cannot_be_deleted() {
     w.ops().delete_snapshot(&c1(), &s.to_string()).unwrap();
     w.idle();
     assert!(w.d().store().snapshot(s).unwrap().is_none());
+    assert!(w.sim.violations().is_empty(), "{:?}", w.sim.violations());
+    assert!(w.d().claims.is_empty());
+}
+
+#[test]
+fn a_backup_holds_its_snapshot_and_backups_of_a_volume_take_turns() {
+    let mut w = World::build(true);
+    let s = w.snap(&c1(), "vol-a");
+    let backup_of = |snapshot: Option<Uuid>| CreateBackup {
+        volume_id: "vol-a".into(),
+        snapshot_id: snapshot.map(|s| s.to_string()),
+        ..CreateBackup::default()
+    };
+    // Refusals before anything starts.
+    let e = w
+        .ops()
+        .create_backup(
+            &c1(),
+            CreateBackup {
+                incremental: true,
+                ..backup_of(Some(s))
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(e, OpError::NoPreviousBackup), "{e}");
+    let e = w
+        .ops()
+        .create_backup(
+            &c1(),
+            CreateBackup {
+                volume_id: "vol-b".into(),
+                ..CreateBackup::default()
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, OpError::NoBackupRemote(ref v) if v == "vol-b"),
+        "{e}"
+    );
+
+    w.sim.gate("upload");
+    w.sim
+        .inject(Step::BackupUpload, None, Action::Gate("upload".into()), 1);
+    let b = w.ops().create_backup(&c1(), backup_of(Some(s))).unwrap();
+    let id = b.record.id;
+    assert_eq!(b.record.status, BackupStatus::Creating);
+    assert!(w.sim.wait_at_gate("upload", 1, Duration::from_secs(5)));
+    // Its snapshot cannot be deleted, a second backup of the volume waits
+    // its turn, the backup itself cannot be deleted yet...
+    let e = w.ops().delete_snapshot(&c1(), &s.to_string()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("Invalid snapshot: snapshot {s} is in use: backup {id} is being made of it; try again when it has finished")
+    );
+    let e = w.ops().create_backup(&c1(), backup_of(None)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("Invalid backup: the backups of volume vol-a are busy: backup {id} is being created; try again when it has finished")
+    );
+    let e = w.ops().delete_backup(&c1(), &id.to_string()).unwrap_err();
+    assert!(matches!(e, OpError::BackupNotDeletable), "{e}");
+    // ...but the volume can still be snapshotted.
+    let s2 = w
+        .ops()
+        .create_snapshot(&c1(), create("vol-a"))
+        .unwrap()
+        .record
+        .id;
+    w.sim.open_gate("upload");
+    w.idle();
+    let r = w.d().store().snapshot(s2).unwrap().unwrap();
+    assert_eq!(r.status, SnapStatus::Available, "{r:?}");
+    let b = w.ops().backup(&c1(), &id.to_string()).unwrap();
+    assert_eq!(b.record.status, BackupStatus::Available, "{b:?}");
+    // Another tenant sees nothing of it.
+    let e = w
+        .ops()
+        .backup(&Caller::new(T2), &id.to_string())
+        .unwrap_err();
+    assert!(matches!(e, OpError::BackupNotFound(_)), "{e}");
+
+    // A restore reads it: it cannot be deleted meanwhile, and shows so.
+    w.sim.gate("restore");
+    w.sim
+        .inject(Step::BackupRestore, None, Action::Gate("restore".into()), 1);
+    let r = w
+        .ops()
+        .restore_backup(&c1(), &id.to_string(), RestoreBackup::default())
+        .unwrap();
+    assert!(w.sim.wait_at_gate("restore", 1, Duration::from_secs(5)));
+    assert_eq!(
+        w.ops().backup(&c1(), &id.to_string()).unwrap().status,
+        "restoring"
+    );
+    let e = w.ops().delete_backup(&c1(), &id.to_string()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "Invalid backup: the backups of volume vol-a are busy: backup {id} is being restored into volume {}; try again when it has finished",
+            r.volume_id
+        )
+    );
+    w.sim.open_gate("restore");
+    w.idle();
+    let v = w.ops().volume(&c1(), &r.volume_id).unwrap();
+    assert_eq!(v.status, VolumeStatus::Available);
+    assert_eq!(
+        w.sim
+            .device_blocks(&v.info.device.clone().unwrap())
+            .unwrap(),
+        w.snapshot_blocks("vol-a", s)
+    );
+
+    // The record survives a restart; then the backup is deleted.
+    w.stop();
+    w.start();
+    let b = w.ops().backup(&c1(), &id.to_string()).unwrap();
+    assert_eq!(b.record.status, BackupStatus::Available);
+    w.ops().delete_backup(&c1(), &id.to_string()).unwrap();
+    w.idle();
+    assert!(w.ops().list_backups(&c1(), None).unwrap().is_empty());
+    assert!(w.sim.remote_backups().is_empty());
+    w.ops().delete_snapshot(&c1(), &s2.to_string()).unwrap();
+    w.idle();
     assert!(w.sim.violations().is_empty(), "{:?}", w.sim.violations());
     assert!(w.d().claims.is_empty());
 }

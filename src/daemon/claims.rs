@@ -23,6 +23,11 @@ pub enum Resource {
     Volume(String),
     /// A snapshot's data in its chain.
     Snapshot(Uuid),
+    /// The backups of a volume on its remote: a backup or a delete writes
+    /// them (exclusive), a restore reads them (shared).
+    Backups(String),
+    /// One backup (deleted exclusively, restored shared).
+    Backup(Uuid),
 }
 
 impl std::fmt::Display for Resource {
@@ -30,6 +35,8 @@ impl std::fmt::Display for Resource {
         match self {
             Resource::Volume(v) => write!(f, "volume {v}"),
             Resource::Snapshot(s) => write!(f, "snapshot {s}"),
+            Resource::Backups(v) => write!(f, "the backups of volume {v}"),
+            Resource::Backup(b) => write!(f, "backup {b}"),
         }
     }
 }
@@ -92,6 +99,10 @@ impl std::fmt::Display for Conflict {
         match &self.resource {
             Resource::Volume(v) => write!(f, "volume {v} is busy: {}", self.running),
             Resource::Snapshot(s) => write!(f, "snapshot {s} is in use: {}", self.running),
+            Resource::Backups(v) => {
+                write!(f, "the backups of volume {v} are busy: {}", self.running)
+            }
+            Resource::Backup(b) => write!(f, "backup {b} is in use: {}", self.running),
         }
     }
 }
@@ -152,6 +163,36 @@ impl Claims {
             id,
             resources,
         })
+    }
+
+    /// Add `wants` to a claim already held, all or nothing (for an
+    /// operation that learns what it reads only after it started, such as a
+    /// backup of the snapshot it took itself).
+    pub fn extend(&self, claim: &mut Claim, wants: Vec<Want>) -> Result<(), Conflict> {
+        let mut held = lock(&self.held);
+        for w in &wants {
+            if let Some(holders) = held.get(&w.resource) {
+                let blocking = holders.iter().find(|h| {
+                    h.claim != claim.id && (w.mode == Mode::Exclusive || h.mode == Mode::Exclusive)
+                });
+                if let Some(h) = blocking {
+                    return Err(Conflict {
+                        resource: w.resource.clone(),
+                        running: h.what.clone(),
+                    });
+                }
+            }
+        }
+        for w in wants {
+            held.entry(w.resource.clone()).or_default().push(Holder {
+                claim: claim.id,
+                mode: w.mode,
+                what: w.what,
+                status: w.status,
+            });
+            claim.resources.push(w.resource);
+        }
+        Ok(())
     }
 
     /// The status to show for a resource while it is held, if any holder
@@ -285,6 +326,45 @@ mod tests {
         // Nothing of the refused request stayed behind.
         assert!(c.acquire(vec![Want::exclusive(vol("a"), "three")]).is_ok());
         drop(held);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn an_extended_claim_is_released_whole() {
+        let c = Claims::new();
+        let s = Resource::Snapshot(Uuid::from_u128(9));
+        let mut claim = c
+            .acquire(vec![Want::exclusive(
+                Resource::Backups("a".into()),
+                "backup b is being created",
+            )])
+            .unwrap();
+        let writer = c
+            .acquire(vec![Want::exclusive(s.clone(), "deleting")])
+            .unwrap();
+        let e = c
+            .extend(
+                &mut claim,
+                vec![Want::shared(s.clone(), "backup b reads it")],
+            )
+            .unwrap_err();
+        assert_eq!(e.running, "deleting");
+        drop(writer);
+        c.extend(
+            &mut claim,
+            vec![Want::shared(s.clone(), "backup b reads it")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.acquire(vec![Want::exclusive(s.clone(), "x")])
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "snapshot {} is in use: backup b reads it",
+                Uuid::from_u128(9)
+            )
+        );
+        drop(claim);
         assert!(c.is_empty());
     }
 

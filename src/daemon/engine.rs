@@ -45,6 +45,21 @@ pub struct TakeJob {
     pub verify_every: u32,
 }
 
+/// Everything a backup needs, taken from the request.
+#[derive(Clone, Debug)]
+pub struct BackupJob {
+    /// The volume (its name on the remote).
+    pub volume: String,
+    pub chain: PathBuf,
+    pub snapshot: Uuid,
+    /// The new backup's id (the same when an interrupted one is resumed).
+    pub backup: Uuid,
+    pub remote: crate::config::RemoteConfig,
+    pub incremental: bool,
+    pub name: String,
+    pub description: String,
+}
+
 /// What a take did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Taken {
@@ -102,6 +117,8 @@ pub enum EngineError {
     Device(#[from] DeviceError),
     #[error(transparent)]
     Quiesce(#[from] quiesce::QuiesceError),
+    #[error(transparent)]
+    Backup(Box<crate::backup::BackupError>),
     #[error("cannot {action} {}", path.display())]
     Io {
         action: &'static str,
@@ -114,6 +131,12 @@ pub enum EngineError {
     Simulated { what: String, partial: bool },
 }
 
+impl From<crate::backup::BackupError> for EngineError {
+    fn from(e: crate::backup::BackupError) -> Self {
+        EngineError::Backup(Box::new(e))
+    }
+}
+
 impl EngineError {
     pub fn io(action: &'static str, path: &Path, source: io::Error) -> EngineError {
         EngineError::Io {
@@ -123,9 +146,15 @@ impl EngineError {
         }
     }
 
-    /// The take stopped because the daemon is shutting down.
+    /// The take (or backup) stopped because the daemon is shutting down.
     pub fn is_cancelled(&self) -> bool {
         matches!(self, EngineError::Take(TakeError::Cancelled))
+            || matches!(self, EngineError::Backup(b) if matches!(**b, crate::backup::BackupError::Cancelled))
+    }
+
+    /// The backup is not on the remote.
+    pub fn is_unknown_backup(&self) -> bool {
+        matches!(self, EngineError::Backup(b) if matches!(**b, crate::backup::BackupError::UnknownBackup { .. }))
     }
 
     /// The disk holding the chain is full.
@@ -208,6 +237,31 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     fn detach(&self, device: &Path) -> Result<(), EngineError>;
     /// Remove a file; one that is not there is no error.
     fn remove(&self, path: &Path) -> Result<(), EngineError>;
+    /// Back up a chain snapshot to a remote (resuming an interrupted
+    /// backup of the same id without uploading again what is there).
+    fn backup(
+        &self,
+        job: &BackupJob,
+        progress: &Arc<crate::backup::Progress>,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<crate::backup::BackupOutcome, EngineError>;
+    /// Write backup `id` of `volume` on `remote` into a new image file.
+    fn restore_backup(
+        &self,
+        remote: &crate::config::RemoteConfig,
+        volume: &str,
+        id: Uuid,
+        image: &Path,
+        progress: &Arc<crate::backup::Progress>,
+    ) -> Result<(), EngineError>;
+    /// Delete backup `id` of `volume` from `remote` (objects no other backup
+    /// needs go with it).
+    fn delete_backup(
+        &self,
+        remote: &crate::config::RemoteConfig,
+        volume: &str,
+        id: Uuid,
+    ) -> Result<(), EngineError>;
 }
 
 /// The real host.
@@ -484,6 +538,58 @@ impl Engine for HostEngine {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(EngineError::io("remove", path, e)),
         }
+    }
+
+    fn backup(
+        &self,
+        job: &BackupJob,
+        progress: &Arc<crate::backup::Progress>,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<crate::backup::BackupOutcome, EngineError> {
+        let remote = crate::backup::Remote::open(&job.remote)?;
+        let c = Chain::open(&job.chain, Access::Read)?;
+        let opts = crate::backup::BackupOptions {
+            volume: job.volume.clone(),
+            incremental: job.incremental,
+            name: job.name.clone(),
+            description: job.description.clone(),
+            id: Some(job.backup),
+            progress: Some(progress.clone()),
+            cancel: Some(cancel.clone()),
+            no_local_state: false,
+        };
+        Ok(crate::backup::create(&c, job.snapshot, &remote, &opts)?)
+    }
+
+    fn restore_backup(
+        &self,
+        remote: &crate::config::RemoteConfig,
+        volume: &str,
+        id: Uuid,
+        image: &Path,
+        progress: &Arc<crate::backup::Progress>,
+    ) -> Result<(), EngineError> {
+        let remote = crate::backup::Remote::open(remote)?;
+        // What an interrupted attempt left goes first: the restore makes a
+        // new owner-only file of the backup's size (zero blocks stay holes).
+        self.remove(image)?;
+        let opts = crate::backup::RestoreOptions {
+            progress: Some(progress.clone()),
+            cancel: None,
+        };
+        crate::backup::restore(&remote, volume, &id.to_string(), image, &opts)?;
+        Ok(())
+    }
+
+    fn delete_backup(
+        &self,
+        remote: &crate::config::RemoteConfig,
+        volume: &str,
+        id: Uuid,
+    ) -> Result<(), EngineError> {
+        let remote = crate::backup::Remote::open(remote)?;
+        crate::backup::delete(&remote, volume, &id.to_string())?;
+        Ok(())
     }
 }
 

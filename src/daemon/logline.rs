@@ -150,6 +150,42 @@ pub fn revert_failed(volume: impl Display, snapshot: impl Display, cause: &str) 
     format!("revert failed: volume {volume}, to snapshot {snapshot}: {cause}")
 }
 
+/// A backup was requested through the API.
+pub fn backup_requested(
+    volume: impl Display,
+    backup: impl Display,
+    snapshot: impl Display,
+    remote: impl Display,
+) -> String {
+    format!(
+        "backup requested: volume {volume}, backup {backup}, snapshot {snapshot}, remote {remote}"
+    )
+}
+
+/// A backup is complete on its remote.
+pub fn backup_available(
+    volume: impl Display,
+    backup: impl Display,
+    changed_bytes: u64,
+    sent_bytes: u64,
+) -> String {
+    format!(
+        "backup available: volume {volume}, backup {backup}, changed {}, sent {}",
+        bytes(changed_bytes),
+        bytes(sent_bytes)
+    )
+}
+
+/// A backup failed; `cause` is the whole error chain.
+pub fn backup_failed(volume: impl Display, backup: impl Display, cause: &str) -> String {
+    format!("backup failed: volume {volume}, backup {backup}: {cause}")
+}
+
+/// A restore of a backup into a new volume was requested.
+pub fn backup_restore_requested(backup: impl Display, volume: impl Display) -> String {
+    format!("backup restore requested: backup {backup}, new volume {volume}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

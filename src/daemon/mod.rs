@@ -11,6 +11,7 @@
 //! - `store`: the catalog, behind the `Store` contract.
 
 pub mod api;
+pub mod backups;
 pub mod catalog;
 pub mod claims;
 pub mod discovery;
@@ -63,6 +64,8 @@ pub enum StartError {
     AlreadyRunning { path: PathBuf },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Backups(#[from] backups::BookError),
     #[error("cannot set up the socket {path}")]
     Socket {
         path: PathBuf,
@@ -109,6 +112,8 @@ pub struct Daemon {
     /// Set on SIGTERM: running scans stop, are thawed and marked error.
     pub shutdown: Arc<AtomicBool>,
     pub metrics: metrics::Metrics,
+    /// The backups made through the API (`backups.json`).
+    pub backups: backups::Book,
     running: Mutex<usize>,
     idle: std::sync::Condvar,
     /// The scheduler, once installed (`schedule::install`).
@@ -203,7 +208,9 @@ impl Daemon {
         // Freezes left by an earlier run of ours, first of all.
         engine.thaw_leftovers(&state.join("freeze-intents"));
         let store = open_store(&state)?;
+        let book = backups::Book::open(&state)?;
         let d = Arc::new(Daemon {
+            backups: book,
             metrics: metrics::Metrics::default(),
             store,
             writer: Mutex::new(()),
@@ -218,6 +225,7 @@ impl Daemon {
             config,
         });
         reconcile::reconcile(&d)?;
+        ops::backups::resume(&d);
         Ok(d)
     }
 

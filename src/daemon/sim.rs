@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::engine::{ChainSnapshot, Deleted, Engine, EngineError, Reverted, TakeJob, Taken};
+use super::engine::{
+    BackupJob, ChainSnapshot, Deleted, Engine, EngineError, Reverted, TakeJob, Taken,
+};
 use crate::chain::ChainError;
 use crate::device::DeviceError;
 use crate::take::{Progress, TakeError};
@@ -51,6 +53,14 @@ pub enum Step {
     Revert,
     /// Middle of a revert: half the differing blocks are written.
     RevertMid,
+    /// Start of a backup.
+    Backup,
+    /// A backup uploading (the snapshot is held).
+    BackupUpload,
+    /// Start of a restore from a backup.
+    BackupRestore,
+    /// Start of a backup's delete.
+    BackupDelete,
 }
 
 /// What happens at a step.
@@ -130,6 +140,8 @@ struct State {
     max_file: Option<u64>,
     /// Bytes free there (`None`: plenty).
     free: Option<u64>,
+    /// Backups on the simulated remote: id → (volume, blocks).
+    remote: BTreeMap<Uuid, (String, Vec<u64>)>,
 }
 
 /// The simulated host.
@@ -203,6 +215,15 @@ impl SimEngine {
     /// Loop devices attached now, with their images.
     pub fn loops(&self) -> BTreeMap<PathBuf, PathBuf> {
         self.lock().loops.clone()
+    }
+
+    /// The backups on the simulated remote: id → volume.
+    pub fn remote_backups(&self) -> BTreeMap<Uuid, String> {
+        self.lock()
+            .remote
+            .iter()
+            .map(|(id, (v, _))| (*id, v.clone()))
+            .collect()
     }
 
     /// Image files that exist.
@@ -776,5 +797,121 @@ impl Engine for SimEngine {
         st.images.remove(path);
         st.chains.remove(path);
         Ok(())
+    }
+    fn backup(
+        &self,
+        job: &BackupJob,
+        progress: &Arc<crate::backup::Progress>,
+        _cancel: &Arc<AtomicBool>,
+    ) -> Result<crate::backup::BackupOutcome, EngineError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.step(Step::Backup, &job.chain, false)?;
+        let _held = Held {
+            sim: self,
+            ids: self.begin(
+                &format!("backup {} of {}", job.backup, job.snapshot),
+                vec![(Target::Snapshot(job.snapshot), false)],
+            ),
+        };
+        let snap = self
+            .lock()
+            .chains
+            .get(&job.chain)
+            .and_then(|c| c.iter().find(|s| s.id == job.snapshot).cloned())
+            .ok_or_else(|| err(format!("snapshot {} is not in its chain", job.snapshot)))?;
+        let size = snap.blocks.len() as u64 * BLOCK;
+        progress.total.store(size, Relaxed);
+        self.step(Step::BackupUpload, &job.chain, false)?;
+        progress.done.store(size, Relaxed);
+        let mut st = self.lock();
+        let parent = if job.incremental {
+            st.remote
+                .iter()
+                .filter(|(_, (v, _))| *v == job.volume)
+                .map(|(id, _)| *id)
+                .next_back()
+        } else {
+            None
+        };
+        st.remote
+            .insert(job.backup, (job.volume.clone(), snap.blocks.clone()));
+        st.calls.push(format!("backup {}", job.backup));
+        Ok(crate::backup::BackupOutcome {
+            info: crate::backup::BackupInfo {
+                id: job.backup,
+                volume: job.volume.clone(),
+                seq: st.remote.len() as u64,
+                parent_id: parent,
+                full: parent.is_none(),
+                created_at: String::new(),
+                created_us: 0,
+                snapshot_id: job.snapshot,
+                snapshot_name: snap.name.clone(),
+                snapshot_created_at: String::new(),
+                name: job.name.clone(),
+                description: job.description.clone(),
+                size_bytes: size,
+                block_size: BLOCK as u32,
+                changed_bytes: size,
+                zero_bytes: 0,
+                uploaded_bytes: size,
+                objects: 1,
+                encrypted: false,
+            },
+            diff: crate::backup::DiffSource::Full,
+            read_bytes: size,
+            objects_uploaded: 1,
+            objects_reused: 0,
+            sent_bytes: size,
+            duration_ms: 0,
+        })
+    }
+
+    fn restore_backup(
+        &self,
+        _remote: &crate::config::RemoteConfig,
+        volume: &str,
+        id: Uuid,
+        image: &Path,
+        _progress: &Arc<crate::backup::Progress>,
+    ) -> Result<(), EngineError> {
+        self.step(Step::BackupRestore, image, false)?;
+        let _held = Held {
+            sim: self,
+            ids: self.begin(
+                &format!("restore of backup {id} into {}", image.display()),
+                vec![(Target::Device(image.to_path_buf()), true)],
+            ),
+        };
+        let mut st = self.lock();
+        let blocks = match st.remote.get(&id) {
+            Some((v, b)) if v == volume => b.clone(),
+            _ => return Err(err(format!("no backup {id} of volume {volume}"))),
+        };
+        st.images.insert(image.to_path_buf(), blocks);
+        Ok(())
+    }
+
+    fn delete_backup(
+        &self,
+        _remote: &crate::config::RemoteConfig,
+        volume: &str,
+        id: Uuid,
+    ) -> Result<(), EngineError> {
+        self.step(Step::BackupDelete, Path::new(volume), false)?;
+        let mut st = self.lock();
+        match st.remote.get(&id) {
+            Some((v, _)) if v == volume => {
+                st.remote.remove(&id);
+                st.calls.push(format!("delete backup {id}"));
+                Ok(())
+            }
+            _ => Err(crate::backup::BackupError::UnknownBackup {
+                remote: "sim".into(),
+                volume: volume.into(),
+                id: id.to_string(),
+            }
+            .into()),
+        }
     }
 }

@@ -60,7 +60,8 @@ def reduce(obj):
         obj = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj._info)
     out = {}
     for k in ("id", "status", "size", "volume_id", "snapshot_id", "metadata",
-              "user_id", "updated_at", "created_at"):
+              "user_id", "updated_at", "created_at", "is_incremental",
+              "has_dependent_backups", "backup_id", "volume_name"):
         if k in obj:
             out[k] = obj[k]
     out["name"] = obj.get("name", obj.get("display_name"))
@@ -187,6 +188,20 @@ class CinderCli:
             o += ["--display-description" if self.legacy else "--description", desc]
         return o
 
+    # backups (cinder 9)
+    def backup_create(self, vid, name, incremental):
+        incr = ["--incremental"] if incremental == "true" else []
+        return self.props("backup-create", "--name", name, *incr, vid)
+
+    def backups(self):
+        return self.rows("backup-list")
+
+    def backup(self, bid):
+        return self.props("backup-show", bid)
+
+    def backup_delete(self, bid):
+        self.cmd("backup-delete", bid)
+
     # volumes
     def volumes(self):
         return self.rows("list")
@@ -277,6 +292,21 @@ class CinderApi:
             version = api_versions.discover_version(
                 probe, api_versions.APIVersion(api_versions.MAX_VERSION))
         self.c = client.Client(version.get_string(), session=sess, endpoint_override=endpoint)
+
+    def backup_create(self, vid, name, incremental):
+        return reduce(self.c.backups.create(vid, name=name, incremental=incremental == "true"))
+
+    def backups(self):
+        return [reduce(b) for b in self.c.backups.list()]
+
+    def backup(self, bid):
+        return reduce(self.c.backups.get(bid))
+
+    def backup_restore(self, bid, name):
+        return reduce(self.c.restores.restore(bid, name=name))
+
+    def backup_delete(self, bid):
+        self.c.backups.delete(bid)
 
     def volumes(self):
         return [reduce(v) for v in self.c.volumes.list()]

@@ -14,6 +14,7 @@ use blocksnap::util::{human_bytes, printable};
 use clap::{Args, Subcommand};
 
 use crate::chain_cmd::with_progress;
+use crate::client_cmd::{self, ClientArgs, DaemonBackup};
 use crate::{Failure, EXIT_DAMAGED, EXIT_FAILED};
 
 /// Where the remotes are configured.
@@ -47,32 +48,62 @@ pub enum BackupCommand {
         #[arg(long)]
         json: bool,
     },
-    /// List the backups on REMOTE (of VOLUME, or of every volume)
+    /// Back up a volume through blocksnapd (a new snapshot of it, or --snapshot)
+    Create {
+        /// The volume (id or display name)
+        volume: String,
+        /// Back up this snapshot of the volume instead of taking one now
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Upload only what changed since the volume's newest backup
+        #[arg(long)]
+        incremental: bool,
+        /// Snapshot a mounted volume whose quiesce mode is none anyway (crash-consistent)
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Wait until it is available (progress bar on a terminal)
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List backups: through blocksnapd (no REMOTE), or on REMOTE directly (of VOLUME, or of every volume)
     List {
         #[command(flatten)]
         config: ConfigArg,
-        remote: String,
-        volume: Option<String>,
+        /// REMOTE [VOLUME]: read the remote directly (with --config), not through blocksnapd
+        #[arg(num_args = 0..=2)]
+        args: Vec<String>,
+        /// Through blocksnapd: only the backups of this volume
         #[arg(long)]
-        json: bool,
+        volume: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
     },
-    /// Show one backup
+    /// Show one backup: BACKUP_ID through blocksnapd, or REMOTE VOLUME BACKUP_ID directly
     Show {
         #[command(flatten)]
         config: ConfigArg,
-        remote: String,
-        volume: String,
-        backup_id: String,
+        #[arg(num_args = 1..=3, value_name = "[REMOTE VOLUME] BACKUP_ID")]
+        args: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
     },
-    /// Delete one backup; every other backup still restores exactly
+    /// Delete one backup (BACKUP_ID through blocksnapd, or REMOTE VOLUME BACKUP_ID directly); every other backup still restores exactly
     Delete {
         #[command(flatten)]
         config: ConfigArg,
-        remote: String,
-        volume: String,
-        backup_id: String,
+        #[arg(num_args = 1..=3, value_name = "[REMOTE VOLUME] BACKUP_ID")]
+        args: Vec<String>,
+        /// Through blocksnapd: wait until it is gone
         #[arg(long)]
-        json: bool,
+        wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Delete objects of VOLUME no backup needs (left by interrupted backups or deletes)
     Gc {
@@ -186,6 +217,26 @@ pub fn chain_backup(a: ChainBackupArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `REMOTE VOLUME BACKUP_ID` is the direct form; a lone `BACKUP_ID` goes
+/// through blocksnapd (`daemon`, whose outcome ends the command: `Err(None)`
+/// is its success).
+fn direct_or_daemon(
+    args: Vec<String>,
+    daemon: impl FnOnce(String) -> Result<(), Failure>,
+) -> Result<(String, String, String), Option<Failure>> {
+    match <[String; 3]>::try_from(args) {
+        Ok([r, v, id]) => Ok((r, v, id)),
+        Err(args) if args.len() == 1 => {
+            let id = args.into_iter().next().unwrap_or_default();
+            Err(daemon(id).err())
+        }
+        Err(_) => Err(Some(Failure {
+            code: EXIT_FAILED,
+            message: "give BACKUP_ID (through blocksnapd) or REMOTE VOLUME BACKUP_ID (the remote directly, with --config)".into(),
+        })),
+    }
+}
+
 pub fn run(cmd: BackupCommand) -> Result<(), Failure> {
     match cmd {
         BackupCommand::Restore {
@@ -276,12 +327,40 @@ pub fn run(cmd: BackupCommand) -> Result<(), Failure> {
                 })
             }
         }
+        BackupCommand::Create {
+            volume,
+            snapshot,
+            incremental,
+            force,
+            name,
+            description,
+            wait,
+            client,
+        } => client_cmd::backup(
+            DaemonBackup::Create {
+                volume,
+                snapshot,
+                incremental,
+                force,
+                name,
+                description,
+                wait,
+            },
+            client,
+        ),
         BackupCommand::List {
             config,
-            remote,
-            volume,
-            json: as_json,
+            args,
+            volume: only,
+            client,
         } => {
+            let (remote, volume) = match args.as_slice() {
+                [] => return client_cmd::backup(DaemonBackup::List { volume: only }, client),
+                [r] => (r.clone(), None),
+                [r, v] => (r.clone(), Some(v.clone())),
+                _ => unreachable!("clap allows 0 to 2"),
+            };
+            let as_json = client.json();
             let r = open_remote(&config.config, &remote)?;
             let all = backup::list(&r, volume.as_deref())?;
             if as_json {
@@ -319,21 +398,32 @@ pub fn run(cmd: BackupCommand) -> Result<(), Failure> {
         }
         BackupCommand::Show {
             config,
-            remote,
-            volume,
-            backup_id,
+            args,
+            client,
         } => {
+            let (remote, volume, backup_id) = match direct_or_daemon(args, |id| {
+                client_cmd::backup(DaemonBackup::Show { id }, client)
+            }) {
+                Ok(t) => t,
+                Err(done) => return done.map_or(Ok(()), Err),
+            };
             let r = open_remote(&config.config, &remote)?;
             json(&backup::show(&r, &volume, &backup_id)?);
             Ok(())
         }
         BackupCommand::Delete {
             config,
-            remote,
-            volume,
-            backup_id,
-            json: as_json,
+            args,
+            wait,
+            client,
         } => {
+            let as_json = client.json();
+            let (remote, volume, backup_id) = match direct_or_daemon(args, |id| {
+                client_cmd::backup(DaemonBackup::Delete { id, wait }, client)
+            }) {
+                Ok(t) => t,
+                Err(done) => return done.map_or(Ok(()), Err),
+            };
             let r = open_remote(&config.config, &remote)?;
             let out = backup::delete(&r, &volume, &backup_id)?;
             if as_json {

@@ -112,6 +112,12 @@ pub enum VolumeCommand {
     },
 }
 
+impl ClientArgs {
+    pub fn json(&self) -> bool {
+        self.json
+    }
+}
+
 pub(crate) fn client(a: &ClientArgs) -> Result<Client, Failure> {
     let file = TokenFile::load(&a.token_file).map_err(|m| Failure {
         code: crate::EXIT_FAILED,
@@ -552,6 +558,200 @@ pub fn volume(cmd: VolumeCommand, a: ClientArgs) -> Result<(), Failure> {
                     );
                 } else {
                     eprintln!("volume {id}: reverting to snapshot {snapshot}");
+                }
+                Ok(())
+            }
+        }
+    })
+}
+
+/// `blocksnap backup ...` through blocksnapd (Cinder's v3 backups API).
+#[derive(Debug)]
+pub enum DaemonBackup {
+    Create {
+        volume: String,
+        snapshot: Option<String>,
+        incremental: bool,
+        force: bool,
+        name: Option<String>,
+        description: Option<String>,
+        wait: bool,
+    },
+    List {
+        volume: Option<String>,
+    },
+    Show {
+        id: String,
+    },
+    Delete {
+        id: String,
+        wait: bool,
+    },
+}
+
+/// A v3 backups path of the client's project.
+fn backups_path(c: &Client, rest: &str) -> String {
+    format!("/v3/{}/backups{rest}", c.tenant)
+}
+
+/// Poll a backup until it is no longer creating (or deleting), with a
+/// progress bar on a terminal; `Null` once a deleted one is gone.
+async fn wait_backup(c: &Client, id: &str, busy: &[&str]) -> Result<Value, ClientError> {
+    let pb = bar("backup");
+    let path = backups_path(c, &format!("/{id}"));
+    let done = |pb: Option<indicatif::ProgressBar>| {
+        if let Some(pb) = pb {
+            pb.finish_and_clear();
+        }
+    };
+    loop {
+        let v = match c.raw(Method::GET, &path, None).await {
+            Ok((_, v)) => v["backup"].clone(),
+            Err(ClientError::Api { status: 404, .. }) if busy.contains(&"deleting") => {
+                done(pb);
+                return Ok(Value::Null);
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(pb) = &pb {
+            pb.set_position((percent(&v["blocksnap:progress"]) * 100.0) as u64);
+        }
+        if !busy.contains(&s(&v, "status").as_str()) {
+            done(pb);
+            return Ok(v);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn backup_table(list: &[Value]) {
+    println!(
+        "{:<36}  {:<36}  {:<14}  {:>5}  {:<11}  {:<26}  NAME",
+        "ID", "VOLUME", "STATUS", "GB", "KIND", "CREATED"
+    );
+    for x in list {
+        println!(
+            "{:<36}  {:<36}  {:<14}  {:>5}  {:<11}  {:<26}  {}",
+            shown(x, "id"),
+            shown(x, "volume_id"),
+            shown(x, "status"),
+            shown(x, "size"),
+            if x["is_incremental"] == true {
+                "incremental"
+            } else {
+                "full"
+            },
+            shown(x, "created_at"),
+            shown(x, "name")
+        );
+    }
+}
+
+pub fn backup(cmd: DaemonBackup, a: ClientArgs) -> Result<(), Failure> {
+    let c = client(&a)?;
+    runtime().block_on(async {
+        match cmd {
+            DaemonBackup::Create {
+                volume,
+                snapshot,
+                incremental,
+                force,
+                name,
+                description,
+                wait: w,
+            } => {
+                let vid = resolve_volume(&c, &volume).await?;
+                let body = json!({"backup": {
+                    "volume_id": vid,
+                    "snapshot_id": snapshot,
+                    "incremental": incremental,
+                    "force": force,
+                    "name": name,
+                    "description": description,
+                }});
+                let (_, v) = c
+                    .raw(Method::POST, &backups_path(&c, ""), Some(body))
+                    .await?;
+                let id = s(&v["backup"], "id");
+                let mut b = v["backup"].clone();
+                if w {
+                    b = wait_backup(&c, &id, &["creating"]).await?;
+                }
+                if a.json {
+                    print_json(&b);
+                } else {
+                    eprintln!(
+                        "backup {}: {}",
+                        printable(&id),
+                        if w {
+                            shown(&b, "status")
+                        } else {
+                            "creating".into()
+                        }
+                    );
+                    println!("{}", printable(&id));
+                }
+                if w && s(&b, "status") != "available" {
+                    return Err(Failure {
+                        code: crate::EXIT_FAILED,
+                        message: format!(
+                            "backup {} ended with status {}: {}",
+                            printable(&id),
+                            shown(&b, "status"),
+                            printable(b["fail_reason"].as_str().unwrap_or("see the daemon's log"))
+                        ),
+                    });
+                }
+                Ok(())
+            }
+            DaemonBackup::List { volume } => {
+                let path = match volume {
+                    Some(v) => backups_path(
+                        &c,
+                        &format!("/detail?volume_id={}", resolve_volume(&c, &v).await?),
+                    ),
+                    None => backups_path(&c, "/detail"),
+                };
+                let (_, v) = c.raw(Method::GET, &path, None).await?;
+                if a.json {
+                    print_json(&v["backups"]);
+                } else {
+                    backup_table(v["backups"].as_array().map(|x| x.as_slice()).unwrap_or(&[]));
+                }
+                Ok(())
+            }
+            DaemonBackup::Show { id } => {
+                let (_, v) = c
+                    .raw(Method::GET, &backups_path(&c, &format!("/{id}")), None)
+                    .await?;
+                if a.json {
+                    print_json(&v["backup"]);
+                } else {
+                    details(&v["backup"]);
+                }
+                Ok(())
+            }
+            DaemonBackup::Delete { id, wait: w } => {
+                c.raw(Method::DELETE, &backups_path(&c, &format!("/{id}")), None)
+                    .await?;
+                if w {
+                    let v = wait_backup(&c, &id, &["deleting"]).await?;
+                    if !v.is_null() {
+                        return Err(Failure {
+                            code: crate::EXIT_FAILED,
+                            message: format!(
+                                "backup {} ended with status {}: {}",
+                                printable(&id),
+                                shown(&v, "status"),
+                                printable(
+                                    v["fail_reason"].as_str().unwrap_or("see the daemon's log")
+                                )
+                            ),
+                        });
+                    }
+                    eprintln!("backup {} deleted", printable(&id));
+                } else {
+                    eprintln!("backup {}: deleting", printable(&id));
                 }
                 Ok(())
             }

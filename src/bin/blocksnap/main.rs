@@ -35,7 +35,7 @@ enum Command {
     /// Work directly on chain files (take, list, restore, verify, delete)
     #[command(subcommand)]
     Chain(chain_cmd::ChainCommand),
-    /// Backups on S3-compatible remotes, used directly (restore, verify, list, show, delete, gc, unlock)
+    /// Backups: through blocksnapd (create, list, show, delete) or on S3-compatible remotes directly (restore, verify, list, show, delete, gc, unlock)
     #[command(subcommand)]
     Backup(backup_cmd::BackupCommand),
     /// Thaw filesystems left frozen by a blocksnap process that died

@@ -39,6 +39,12 @@ fn init_logging(level: Option<&str>) {
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("BLOCKSNAP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.unwrap_or("info")));
+    // The HTTP client backups use logs signed URLs (with the access key id)
+    // at its trace level: never let it through, whatever BLOCKSNAP_LOG says.
+    let filter = ["ureq=off", "ureq_proto=off"]
+        .iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, |f, d| f.add_directive(d));
     let under_systemd =
         std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some();
     if under_systemd {

@@ -159,7 +159,7 @@ pub(super) async fn versioned(mut req: Request, next: Next) -> Response {
 }
 
 /// What every answer of a request shares.
-fn ctx(api: Api, headers: &HeaderMap, tenant: &str) -> Ctx {
+pub(super) fn ctx(api: Api, headers: &HeaderMap, tenant: &str) -> Ctx {
     Ctx {
         api,
         base: base(headers),
@@ -174,7 +174,7 @@ fn ctx(api: Api, headers: &HeaderMap, tenant: &str) -> Ctx {
 /// A request body's wrapped object (`{"snapshot": {...}}`). Without it,
 /// Cinder's v2/v3 schema validation answers 400 naming the field (v1's
 /// reference says 422).
-async fn object(headers: &HeaderMap, body: Body, key: &str) -> ApiResult<Value> {
+pub(super) async fn object(headers: &HeaderMap, body: Body, key: &str) -> ApiResult<Value> {
     match read_json(headers, body).await? {
         Value::Object(mut m) if m.contains_key(key) => Ok(m.remove(key).unwrap_or_default()),
         _ => Err(ApiError::bad_request(format!(

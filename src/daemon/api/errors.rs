@@ -81,6 +81,7 @@ pub fn status_of(e: &OpError) -> StatusCode {
         | VolumeNotFound(_)
         | SourceSnapshotNotFound(_)
         | MetadataItemNotFound
+        | BackupNotFound(_)
         | NotFound => StatusCode::NOT_FOUND,
         TooLong { .. }
         | MetadataKeyBlank
@@ -104,6 +105,13 @@ pub fn status_of(e: &OpError) -> StatusCode {
         | MountedForRevert
         | RevertSizeDiffers { .. }
         | DeviceShrank { .. }
+        | RestoreOntoVolume
+        | NoBackupRemote(_)
+        | RemoteGone(_)
+        | NoPreviousBackup
+        | BackupSnapshotNotAvailable
+        | BackupNotAvailable
+        | BackupNotDeletable
         | InUse { .. } => StatusCode::BAD_REQUEST,
         MetadataKeyTooLong
         | MetadataValueTooLong
@@ -111,7 +119,7 @@ pub fn status_of(e: &OpError) -> StatusCode {
         | VolumeLimit(_)
         | VolumeTooLarge { .. }
         | NoRoom { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        Store(_) | Book(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -121,6 +129,10 @@ impl From<OpError> for ApiError {
         let message = match &e {
             // The catalog's own error goes to the log, not to the client.
             OpError::Store(s) => {
+                tracing::error!("{}", crate::util::error_chain(s));
+                e.to_string()
+            }
+            OpError::Book(s) => {
                 tracing::error!("{}", crate::util::error_chain(s));
                 e.to_string()
             }

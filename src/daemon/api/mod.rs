@@ -10,6 +10,7 @@
 //! Authentication (token → tenant), peer checks and request ids are
 //! middleware here.
 
+mod backups;
 pub mod body;
 mod cinder;
 pub mod errors;
@@ -228,6 +229,7 @@ pub fn router(d: Shared) -> Router {
         .merge(volumes::routes())
         .merge(cinder::routes())
         .merge(schedules::routes())
+        .merge(backups::routes())
         .route_layer(axum::middleware::from_fn_with_state(d.clone(), auth))
         .merge(cinder::discovery_routes())
         .route_layer(axum::middleware::from_fn(cinder::versioned));

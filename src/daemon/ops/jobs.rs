@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use uuid::Uuid;
 
 use super::revert_intent;
+use crate::daemon::backups::BackupStatus;
 use crate::daemon::catalog::{SnapStatus, VolStatus, VolumeKind};
 use crate::daemon::engine::{EngineError, TakeJob};
 use crate::daemon::store::{Change, StoreError};
@@ -24,6 +25,9 @@ pub enum Subject {
     MakeVolume { volume: String },
     DeleteVolume { volume: String },
     Revert { volume: String, snapshot: Uuid },
+    Backup { volume: String, backup: Uuid },
+    DeleteBackup { volume: String, backup: Uuid },
+    RestoreBackup { volume: String, backup: Uuid },
 }
 
 impl Subject {
@@ -34,6 +38,9 @@ impl Subject {
             Subject::MakeVolume { .. } => "bs-make-volume",
             Subject::DeleteVolume { .. } => "bs-delete-vol",
             Subject::Revert { .. } => "bs-revert",
+            Subject::Backup { .. } => "bs-backup",
+            Subject::DeleteBackup { .. } => "bs-delete-backup",
+            Subject::RestoreBackup { .. } => "bs-restore-backup",
         }
         .to_string()
     }
@@ -76,6 +83,17 @@ impl Subject {
                     r.error = Some(partly_reverted(*snapshot, text));
                 })
                 .map(drop),
+            Subject::Backup { backup, .. } => {
+                super::backups::fail(d, job, *backup, BackupStatus::Error, text);
+                Ok(())
+            }
+            Subject::DeleteBackup { backup, .. } => {
+                super::backups::fail(d, job, *backup, BackupStatus::ErrorDeleting, text);
+                Ok(())
+            }
+            Subject::RestoreBackup { volume, .. } => {
+                fail_volume(d, job, volume, VolStatus::Error, text)
+            }
         };
         if let Err(e) = r {
             tracing::error!(job = ?self, "cannot record that the job failed: {}", error_chain(&e));

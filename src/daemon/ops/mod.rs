@@ -13,6 +13,7 @@
 //! Every method blocks (catalog and device I/O): views call them on the
 //! blocking pool.
 
+pub mod backups;
 pub mod jobs;
 pub mod revert_intent;
 mod snapshots;
@@ -29,6 +30,7 @@ use super::store::{Page, StoreError};
 use super::{Daemon, VolumeInfo};
 use crate::defaults::{MAX_METADATA_ITEMS, MAX_TEXT};
 
+pub use backups::{Backup, CreateBackup, RestoreBackup, Restored};
 pub use snapshots::{CreateSnapshot, SnapshotFilter, UpdateSnapshot};
 pub use volumes::{gb, CreateVolume, RevertVolume, UpdateVolume, VolumeFilter};
 
@@ -153,6 +155,7 @@ impl std::fmt::Display for Field {
 pub enum About {
     Volume,
     Snapshot,
+    Backup,
 }
 
 impl std::fmt::Display for About {
@@ -160,6 +163,7 @@ impl std::fmt::Display for About {
         f.write_str(match self {
             About::Volume => "Invalid volume",
             About::Snapshot => "Invalid snapshot",
+            About::Backup => "Invalid backup",
         })
     }
 }
@@ -181,6 +185,8 @@ pub enum OpError {
     MetadataItemNotFound,
     #[error("The resource could not be found.")]
     NotFound,
+    #[error("Backup {0} could not be found.")]
+    BackupNotFound(String),
 
     // ---- bad input (400)
     #[error("Invalid input received: {field} is longer than {MAX_TEXT} characters")]
@@ -203,6 +209,8 @@ pub enum OpError {
     CloneUnsupported,
     #[error("the list marker {0} names no item of this list")]
     BadMarker(String),
+    #[error("Invalid input received: blocksnap restores a backup into a new volume; omit volume_id (restoring onto an existing volume is not supported)")]
+    RestoreOntoVolume,
 
     // ---- refused in this state (400)
     #[error("Invalid snapshot: Originating snapshot status must be one of available values")]
@@ -250,6 +258,18 @@ pub enum OpError {
         was: u64,
         now: u64,
     },
+    #[error("Invalid volume: volume {0} has no backup_remote in blocksnapd's configuration; add one naming a [[remotes]] entry to back it up")]
+    NoBackupRemote(String),
+    #[error("Invalid backup: the remote {0} of this backup is no longer configured")]
+    RemoteGone(String),
+    #[error("Invalid backup: No backups available to do an incremental backup.")]
+    NoPreviousBackup,
+    #[error("Invalid snapshot: Snapshot status must be available")]
+    BackupSnapshotNotAvailable,
+    #[error("Invalid backup: Backup status must be available")]
+    BackupNotAvailable,
+    #[error("Invalid backup: Backup status must be available or error")]
+    BackupNotDeletable,
     /// Something running holds what this operation needs.
     #[error("{about}: {conflict}; try again when it has finished")]
     InUse { about: About, conflict: Conflict },
@@ -286,6 +306,8 @@ pub enum OpError {
     // ---- the daemon's fault (500)
     #[error("the catalog could not be read or changed; nothing was done")]
     Store(#[from] StoreError),
+    #[error("the backup book could not be changed; nothing was done")]
+    Book(#[from] crate::daemon::backups::BookError),
 }
 
 impl OpError {

@@ -78,7 +78,7 @@ impl Ctx {
         format!("{}/{}/{collection}/{id}", self.base, self.project)
     }
 
-    fn links(&self, collection: &str, id: &str) -> Value {
+    pub(crate) fn links(&self, collection: &str, id: &str) -> Value {
         json!([
             { "rel": "self", "href": self.href(collection, id) },
             { "rel": "bookmark", "href": self.bookmark(collection, id) },

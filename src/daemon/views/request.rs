@@ -683,6 +683,55 @@ pub fn list_request(
     Ok(r)
 }
 
+/// `POST /backups`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackupCreate {
+    pub volume_id: String,
+    pub snapshot_id: Option<String>,
+    pub incremental: bool,
+    pub force: bool,
+    pub name: Option<String>,
+    pub description: Option<String>,
+}
+
+fn bad_bool(field: &'static str) -> impl Fn(&str) -> RequestError {
+    move |s| {
+        RequestError::field(
+            format!("backup.{field}"),
+            format!("expected a boolean, not {s}"),
+        )
+    }
+}
+
+pub fn backup_create(v: Value) -> Result<BackupCreate, RequestError> {
+    let f = Fields::new("backup", v)?;
+    Ok(BackupCreate {
+        volume_id: f.required_string("volume_id")?,
+        snapshot_id: f.string("snapshot_id")?,
+        incremental: f
+            .boolish("incremental", bad_bool("incremental"))?
+            .unwrap_or(false),
+        force: f.boolish("force", bad_bool("force"))?.unwrap_or(false),
+        name: f.string("name")?,
+        description: f.string("description")?,
+    })
+}
+
+/// `POST /backups/{id}/restore`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackupRestore {
+    pub volume_id: Option<String>,
+    pub name: Option<String>,
+}
+
+pub fn backup_restore(v: Value) -> Result<BackupRestore, RequestError> {
+    let f = Fields::new("restore", v)?;
+    Ok(BackupRestore {
+        volume_id: f.string("volume_id")?,
+        name: f.string("name")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
