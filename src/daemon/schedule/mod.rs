@@ -205,7 +205,19 @@ impl Scheduler {
             .filter_map(|v| Some((v.id.clone(), v.schedule.clone()?)))
             .collect();
         let path = d.config.state_dir.join(STATE_FILE);
-        let mut saved = match std::fs::read(&path) {
+        // Not through a symlink planted where the file would be.
+        let read = |p: &std::path::Path| -> std::io::Result<Vec<u8>> {
+            use std::io::Read;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut b = Vec::new();
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(p)?
+                .read_to_end(&mut b)?;
+            Ok(b)
+        };
+        let mut saved = match read(&path) {
             Ok(b) => match serde_json::from_slice::<StateFile>(&b) {
                 Ok(f) => f.volumes,
                 Err(e) => {
