@@ -182,6 +182,9 @@ const MAX_ROUNDS: u32 = 8;
 /// Largest single read of written blocks, and readers kept busy at once.
 const DIRECT_READ: usize = 256 << 10;
 const DIRECT_READERS: usize = 16;
+/// At most this many runs, and bytes, go to one reader at a time.
+const BATCH_RUNS: usize = 64;
+const BATCH_BYTES: u64 = 1 << 20;
 /// Verification remembers at most this many unreported changed blocks.
 const MAX_CANDIDATES: usize = 1 << 20;
 
@@ -908,6 +911,26 @@ impl Pass<'_, '_> {
                 _ => runs.push((b, 1)),
             }
         }
+        // Runs are handed out and handed back in batches: one message per
+        // batch, not per run (a run is often a single scattered block, and
+        // waking the consumer for each cost more than reading it).
+        // Few runs (a quiesced re-read) stay one per batch, so that every
+        // reader has one in flight.
+        let per_batch = (runs.len() / (readers.len() * 4)).clamp(1, BATCH_RUNS);
+        let mut batches: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut bytes = 0u64;
+        for (i, &(_, n)) in runs.iter().enumerate() {
+            match batches.last_mut() {
+                Some(r) if r.len() < per_batch && bytes + n * bs <= BATCH_BYTES => {
+                    r.end = i + 1;
+                    bytes += n * bs;
+                }
+                _ => {
+                    batches.push(i..i + 1);
+                    bytes = n * bs;
+                }
+            }
+        }
         let next = std::sync::atomic::AtomicUsize::new(0);
         let cancel = self.cancel;
         let done = std::thread::scope(|s| -> Result<usize, TakeError> {
@@ -915,27 +938,28 @@ impl Pass<'_, '_> {
                 readers.len() * 2,
             );
             for r in readers.iter_mut() {
-                let (tx, runs, next) = (tx.clone(), &runs, &next);
+                let (tx, runs, batches, next) = (tx.clone(), &runs, &batches, &next);
                 s.spawn(move || loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= runs.len() || cancel.is_set() {
+                    if i >= batches.len() || cancel.is_set() {
                         break;
                     }
-                    let (first, n) = runs[i];
-                    let len = ((first + n) * bs).min(size) - first * bs;
-                    let path = r.path().to_path_buf();
-                    let res = r.read(first * bs, len as usize).and_then(|d| {
-                        if d.len() as u64 == len {
-                            Ok(d.to_vec())
-                        } else {
-                            Err(DeviceError::Read {
+                    let mut out = Vec::new();
+                    let res = runs[batches[i].clone()].iter().try_for_each(|&(first, n)| {
+                        let len = ((first + n) * bs).min(size) - first * bs;
+                        let path = r.path().to_path_buf();
+                        let d = r.read(first * bs, len as usize)?;
+                        if d.len() as u64 != len {
+                            return Err(DeviceError::Read {
                                 path,
                                 offset: first * bs + d.len() as u64,
                                 source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
-                            })
+                            });
                         }
+                        out.extend_from_slice(d);
+                        Ok(())
                     });
-                    if tx.send((i, res)).is_err() {
+                    if tx.send((i, res.map(|()| out))).is_err() {
                         break;
                     }
                 });
@@ -947,25 +971,27 @@ impl Pass<'_, '_> {
                 waiting.insert(i, res);
                 while let Some(res) = waiting.remove(&want) {
                     let data = res?;
-                    let (first, n) = runs[want];
-                    for k in 0..n {
-                        let b = first + k;
-                        let blen = self.block_len(b);
-                        let block = &data[(k * bs) as usize..(k * bs) as usize + blen];
-                        let p = fingerprint(block, self.seed);
-                        self.consider(b, block, p)?;
+                    let mut at = 0usize;
+                    for &(first, n) in &runs[batches[want].clone()] {
+                        for b in first..first + n {
+                            let blen = self.block_len(b);
+                            let block = &data[at..at + blen];
+                            at += blen;
+                            let p = fingerprint(block, self.seed);
+                            self.consider(b, block, p)?;
+                        }
+                        self.stage_flush()?;
                     }
-                    self.stage_flush()?;
                     self.prints.release_if_busy();
                     want += 1;
-                    if want * 2 >= runs.len() {
+                    if want * 2 >= batches.len() {
                         self.mid_point();
                     }
                 }
             }
             Ok(want)
         })?;
-        if done != runs.len() {
+        if done != batches.len() {
             return Err(TakeError::Cancelled);
         }
         Ok(blocks.len() as u64)
