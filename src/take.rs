@@ -184,7 +184,10 @@ const DIRECT_READ: usize = 256 << 10;
 const DIRECT_READERS: usize = 16;
 /// At most this many runs, and bytes, go to one reader at a time.
 const BATCH_RUNS: usize = 64;
-const BATCH_BYTES: u64 = 1 << 20;
+const BATCH_BYTES: u64 = DIRECT_READ as u64;
+/// Readers run at most this many batches ahead of the one being stored, so
+/// the data in flight stays bounded (64 x 256 KiB) whatever the device.
+const BATCHES_AHEAD: usize = 64;
 /// Verification remembers at most this many unreported changed blocks.
 const MAX_CANDIDATES: usize = 1 << 20;
 
@@ -779,6 +782,52 @@ impl Stage {
     }
 }
 
+/// How far the readers of written blocks may run ahead of the consumer.
+#[derive(Default)]
+struct Window {
+    /// Batches stored so far, and whether the consumer has stopped.
+    state: std::sync::Mutex<(usize, bool)>,
+    moved: std::sync::Condvar,
+}
+
+impl Window {
+    /// Wait until batch `i` is within [`BATCHES_AHEAD`] of the consumer.
+    /// False: stop reading (the consumer is gone or the take cancelled).
+    fn wait_for(&self, i: usize, cancel: &Cancel) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if st.1 || cancel.is_set() {
+                return false;
+            }
+            if i < st.0 + BATCHES_AHEAD {
+                return true;
+            }
+            // A timeout, so a cancelled take is noticed without a wake-up.
+            st = self
+                .moved
+                .wait_timeout(st, Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn stored(&self, n: usize) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = n;
+        self.moved.notify_all();
+    }
+
+    fn stop_on_drop(&self) -> impl Drop + '_ {
+        struct Stop<'w>(&'w Window);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+                self.0.moved.notify_all();
+            }
+        }
+        Stop(self)
+    }
+}
+
 /// What one take's passes over the device share.
 struct Pass<'a, 'c> {
     writer: &'a mut SegmentWriter<'c>,
@@ -932,16 +981,20 @@ impl Pass<'_, '_> {
             }
         }
         let next = std::sync::atomic::AtomicUsize::new(0);
+        let window = Window::default();
         let cancel = self.cancel;
         let done = std::thread::scope(|s| -> Result<usize, TakeError> {
+            // However the consumer leaves, no reader is left waiting.
+            let _stop = window.stop_on_drop();
             let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Result<Vec<u8>, DeviceError>)>(
                 readers.len() * 2,
             );
             for r in readers.iter_mut() {
-                let (tx, runs, batches, next) = (tx.clone(), &runs, &batches, &next);
+                let (tx, runs, batches, next, window) =
+                    (tx.clone(), &runs, &batches, &next, &window);
                 s.spawn(move || loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= batches.len() || cancel.is_set() {
+                    if i >= batches.len() || !window.wait_for(i, cancel) {
                         break;
                     }
                     let mut out = Vec::new();
@@ -984,6 +1037,7 @@ impl Pass<'_, '_> {
                     }
                     self.prints.release_if_busy();
                     want += 1;
+                    window.stored(want);
                     if want * 2 >= batches.len() {
                         self.mid_point();
                     }
@@ -995,5 +1049,43 @@ impl Pass<'_, '_> {
             return Err(TakeError::Cancelled);
         }
         Ok(blocks.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cancel() -> Cancel {
+        Cancel {
+            own: Arc::new(AtomicBool::new(false)),
+            outer: None,
+        }
+    }
+
+    /// A reader waits while its batch is too far ahead, goes on once the
+    /// consumer catches up, and stops when the consumer leaves.
+    #[test]
+    fn readers_stay_within_the_window() {
+        let w = Window::default();
+        let c = cancel();
+        assert!(w.wait_for(BATCHES_AHEAD - 1, &c));
+        std::thread::scope(|s| {
+            let ahead = s.spawn(|| w.wait_for(BATCHES_AHEAD + 5, &c));
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(!ahead.is_finished(), "a reader ran past the window");
+            w.stored(6);
+            assert!(ahead.join().unwrap());
+            let stuck = s.spawn(|| w.wait_for(1000, &c));
+            std::thread::sleep(Duration::from_millis(50));
+            drop(w.stop_on_drop());
+            assert!(
+                !stuck.join().unwrap(),
+                "a reader kept going after the consumer left"
+            );
+        });
+        let c = cancel();
+        c.own.store(true, Ordering::Relaxed);
+        assert!(!Window::default().wait_for(0, &c));
     }
 }
