@@ -651,7 +651,7 @@ pub fn take(
     record.reason = reason;
 
     crate::fault::point(crate::fault::Point::BeforeCommit);
-    let (changed_bytes, zero_bytes) = writer.defined_bytes();
+    let (changed_bytes, zero_bytes) = writer.defined_bytes()?;
     let sealed = prints
         .seal(&MapHeader {
             chain_id,
@@ -871,7 +871,7 @@ impl Pass<'_, '_> {
         }
         if new == self.zero.get(data.len()) && is_zero(data) {
             self.stage_flush()?;
-            self.writer.append_zero(b, 1);
+            self.writer.append_zero(b, 1)?;
             self.prints.set(b, new);
             return Ok(true);
         }

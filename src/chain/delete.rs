@@ -126,17 +126,17 @@ pub fn delete(chain: &mut Chain, id: Uuid) -> Result<DeleteOutcome, ChainError> 
             let mut w = SegmentWriter::begin(chain, plan)?;
             for (_, p) in pieces {
                 match p {
-                    Piece::Zero(b, n) => w.append_zero(b, n),
+                    Piece::Zero(b, n) => w.append_zero(b, n)?,
                     Piece::Data(b, n, off, m) => w.append_reference(
                         b,
                         off,
                         &k_idx.prints[m..m + n as usize],
                         &k_idx.crcs[m..m + n as usize],
-                    ),
+                    )?,
                     Piece::Own(i) => {
                         let x = s_idx.extents[i];
                         match x.location {
-                            Location::Zero => w.append_zero(x.block, x.count as u64),
+                            Location::Zero => w.append_zero(x.block, x.count as u64)?,
                             Location::Data(off) => {
                                 let m = x.meta as usize;
                                 let n = x.count as usize;
@@ -145,7 +145,7 @@ pub fn delete(chain: &mut Chain, id: Uuid) -> Result<DeleteOutcome, ChainError> 
                                     off,
                                     &s_idx.prints[m..m + n],
                                     &s_idx.crcs[m..m + n],
-                                )
+                                )?
                             }
                         }
                     }

@@ -747,36 +747,85 @@ pub struct Index {
 const KIND_ZERO: u8 = 0;
 const KIND_DATA: u8 = 1;
 
-impl Index {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut e = Enc::default();
-        e.u32(self.removes.len() as u32);
-        for r in &self.removes {
-            e.uuid(r);
+/// Encode an index's head: the snapshots it removes and how many extent
+/// records follow.
+pub fn encode_index_head(removes: &[Uuid], extents: u64) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.u32(removes.len() as u32);
+    for r in removes {
+        e.uuid(r);
+    }
+    e.u64(extents);
+    e.0
+}
+
+/// Append one extent record as an index holds it: its
+/// [`EXTENT_RECORD_LEN`] bytes, then for data a fingerprint and crc per
+/// block ([`BLOCK_RECORD_LEN`] bytes each).
+pub fn encode_extent(
+    out: &mut Vec<u8>,
+    block: u64,
+    count: u32,
+    location: Location,
+    prints: &[u64],
+    crcs: &[u32],
+) {
+    let mut e = Enc(std::mem::take(out));
+    e.u64(block);
+    e.u32(count);
+    match location {
+        Location::Zero => {
+            debug_assert!(prints.is_empty());
+            e.u8(KIND_ZERO);
+            e.bytes(&[0; 3]);
+            e.u64(0);
         }
-        e.u64(self.extents.len() as u64);
-        for x in &self.extents {
-            e.u64(x.block);
-            e.u32(x.count);
-            match x.location {
-                Location::Zero => {
-                    e.u8(KIND_ZERO);
-                    e.bytes(&[0; 3]);
-                    e.u64(0);
-                }
-                Location::Data(off) => {
-                    e.u8(KIND_DATA);
-                    e.bytes(&[0; 3]);
-                    e.u64(off);
-                    let m = x.meta as usize;
-                    for i in m..m + x.count as usize {
-                        e.u64(self.prints[i]);
-                        e.u32(self.crcs[i]);
-                    }
-                }
+        Location::Data(off) => {
+            debug_assert_eq!(prints.len(), count as usize);
+            debug_assert_eq!(crcs.len(), count as usize);
+            e.u8(KIND_DATA);
+            e.bytes(&[0; 3]);
+            e.u64(off);
+            for (p, c) in prints.iter().zip(crcs) {
+                e.u64(*p);
+                e.u32(*c);
             }
         }
-        e.0
+    }
+    *out = e.0;
+}
+
+/// Decode an extent record's first [`EXTENT_RECORD_LEN`] bytes: block,
+/// count and location (for data, `count` block records follow).
+pub fn decode_extent_head(b: &[u8]) -> Option<(u64, u32, Location)> {
+    let mut d = Dec::new(b);
+    let block = d.u64()?;
+    let count = d.u32()?;
+    let kind = d.u8()?;
+    d.take(3)?;
+    let off = d.u64()?;
+    match kind {
+        KIND_ZERO => Some((block, count, Location::Zero)),
+        KIND_DATA => Some((block, count, Location::Data(off))),
+        _ => None,
+    }
+}
+
+impl Index {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = encode_index_head(&self.removes, self.extents.len() as u64);
+        for x in &self.extents {
+            let (prints, crcs): (&[u64], &[u32]) = match x.location {
+                Location::Zero => (&[], &[]),
+                Location::Data(_) => {
+                    let m = x.meta as usize;
+                    let n = x.count as usize;
+                    (&self.prints[m..m + n], &self.crcs[m..m + n])
+                }
+            };
+            encode_extent(&mut out, x.block, x.count, x.location, prints, crcs);
+        }
+        out
     }
 
     /// Bytes the encoded index will take.
