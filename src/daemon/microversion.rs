@@ -82,6 +82,8 @@ pub mod features {
     pub const SNAPSHOT_LIST_METADATA_FILTER: Microversion = Microversion::new(3, 22);
     /// Sorting snapshots by name.
     pub const SNAPSHOT_SORT: Microversion = Microversion::new(3, 30);
+    /// Sorting backups by `name` (Cinder maps it to display_name).
+    pub const BACKUP_SORT_NAME: Microversion = Microversion::new(3, 37);
     /// `POST /volumes/{id}/action {"revert": ...}`.
     pub const VOLUME_REVERT: Microversion = Microversion::new(3, 40);
     /// `user_id` in snapshot details.
