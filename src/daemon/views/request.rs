@@ -504,17 +504,20 @@ fn sort_key(api: Api, c: Collection, k: &str) -> Result<SortKey, RequestError> {
         "display_name" => SortKey::Name,
         // Backups sort by `name` from 3.37 (BACKUP_SORT_NAME); before, and
         // in v2, Cinder looks for a column `name` and refuses the key.
-        "name" if c != Collection::Backups || api.has(features::BACKUP_SORT_NAME) => {
-            SortKey::Name
-        }
+        "name" if c != Collection::Backups || api.has(features::BACKUP_SORT_NAME) => SortKey::Name,
         "status" => SortKey::Status,
         "size" => SortKey::Size,
         "volume_size" if c == Collection::Snapshots => SortKey::Size,
         other => {
+            let name = if c == Collection::Backups && !api.has(features::BACKUP_SORT_NAME) {
+                "display_name (name from microversion 3.37)"
+            } else {
+                "name"
+            };
             return Err(RequestError::Param(format!(
-                "Invalid input received: Invalid sort key {}: sort by created_at, updated_at, id, name, status or size",
+                "Invalid input received: Invalid sort key {}: sort by created_at, updated_at, id, {name}, status or size",
                 other.chars().filter(|c| !c.is_control()).take(64).collect::<String>()
-            )))
+            )));
         }
     })
 }
