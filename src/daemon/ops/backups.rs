@@ -118,11 +118,13 @@ fn backup_key(b: &Backup, k: SortKey) -> KeyValue<'_> {
 }
 
 /// What a restore started.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Restored {
     pub backup_id: Uuid,
     pub volume_id: String,
     pub volume_name: String,
+    /// The new volume's record as made durable (status creating).
+    pub record: VolumeRecord,
 }
 
 impl Ops {
@@ -537,6 +539,7 @@ impl Ops {
             backup_id: r.id,
             volume_id: vid,
             volume_name: name,
+            record,
         })
     }
 }

@@ -186,7 +186,15 @@ impl Ops {
                 },
                 OpError::SourceBackupNotAvailable,
             )?;
-            return self.volume(c, &out.volume_id);
+            // As recorded when answered, as below.
+            let size_bytes = out.record.size_bytes;
+            let info = crate::daemon::Daemon::made_info(out.record).expect("a made volume");
+            return Ok(Volume {
+                info,
+                status: VolumeStatus::Creating,
+                size_bytes,
+                progress: None,
+            });
         }
         if req.source_volid.is_some() || req.image_ref.is_some() {
             return Err(OpError::CloneUnsupported);
