@@ -433,19 +433,7 @@ impl Ops {
         v: NewVolume,
         gone: OpError,
     ) -> Result<Restored, OpError> {
-        // Exactly the backup's bytes unless a larger size was asked for
-        // (Cinder: at least the backup's size).
-        let backup_gb = r.size_bytes.div_ceil(GB);
-        let size_bytes = match v.size_gb {
-            Some(want) if want < backup_gb => {
-                return Err(OpError::SmallerThanBackup {
-                    want,
-                    backup: backup_gb,
-                })
-            }
-            Some(want) if want > backup_gb => want * GB,
-            _ => r.size_bytes,
-        };
+        let size_bytes = restored_size(r.size_bytes, v.size_gb)?;
         let remote = self.remote(&r.remote)?;
         let d = &self.d;
         let max = d.config.max_made_volumes;
@@ -541,6 +529,21 @@ impl Ops {
             volume_name: name,
             record,
         })
+    }
+}
+
+/// The size of a volume restored from a backup of `backup_bytes`: exactly
+/// the backup's bytes unless a larger size in GB was asked for; smaller
+/// than the backup's size in GB is refused (Cinder's create flow).
+fn restored_size(backup_bytes: u64, size_gb: Option<u64>) -> Result<u64, OpError> {
+    let backup_gb = backup_bytes.div_ceil(GB);
+    match size_gb {
+        Some(want) if want < backup_gb => Err(OpError::SmallerThanBackup {
+            want,
+            backup: backup_gb,
+        }),
+        Some(want) if want > backup_gb => Ok(want * GB),
+        _ => Ok(backup_bytes),
     }
 }
 
@@ -838,5 +841,31 @@ pub fn resume(d: &Arc<Daemon>) {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_volume_from_a_backup_is_at_least_the_backups_size() {
+        let mib = 1 << 20;
+        // The backup's exact bytes when no size, or its own size, is asked.
+        assert_eq!(restored_size(6 * mib, None).unwrap(), 6 * mib);
+        assert_eq!(restored_size(6 * mib, Some(1)).unwrap(), 6 * mib);
+        assert_eq!(restored_size(2 * GB, Some(2)).unwrap(), 2 * GB);
+        // Larger: whole GB.
+        assert_eq!(restored_size(6 * mib, Some(3)).unwrap(), 3 * GB);
+        // Smaller than the backup's size in GB (rounded up): Cinder's 400.
+        let e = restored_size(GB + 4096, Some(1)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Invalid input received: Volume size 1GB cannot be smaller than the backup size 2GB. It must be >= backup size."
+        );
+        assert_eq!(
+            crate::daemon::api::errors::status_of(&e),
+            axum::http::StatusCode::BAD_REQUEST
+        );
     }
 }
