@@ -65,10 +65,11 @@ pub const MIN: Microversion = Microversion::new(3, 0);
 /// additionalProperties false on volume create and update); up to 3.52
 /// Cinder ignores them, as blocksnap does in every version. Everything
 /// 3.1-3.52 changes about the resources blocksnap serves (snapshots,
-/// volumes, their metadata, revert) is served as Cinder defines it; the
-/// versions that concern resources blocksnap does not have (groups,
-/// backups, messages, attachments, services, pools, clusters) change
-/// nothing here. The list is in docs/API.md.
+/// volumes, their metadata, revert, backups' list sort and volumes from
+/// backups) is served as Cinder defines it; the versions that concern
+/// resources blocksnap does not have (groups, messages, attachments,
+/// services, pools, clusters) change nothing here. The list is in
+/// docs/API.md.
 pub const MAX: Microversion = Microversion::new(3, 52);
 
 /// Microversions whose changes the views depend on (cinder/api/microversions.py).
