@@ -482,11 +482,11 @@ fn cinderclient_backups() {
     // backups_links to reach it), by name: "incr" before "nightly".
     assert_eq!(
         ids(&cli.run("backups-page", &["1", "name:asc"])),
-        [id2.clone()]
+        [id2.as_str()]
     );
     assert_eq!(
         ids(&api.run("backups-page", &["1", "name:desc"])),
-        [id.clone()]
+        [id.as_str()]
     );
     assert_eq!(
         ids(&api.run("backups-page", &["2", "name:asc"])),
