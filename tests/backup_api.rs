@@ -470,3 +470,377 @@ fn the_cli_backs_up_and_lists_through_the_daemon() {
         "credentials reached the daemon's log"
     );
 }
+
+/// A v3 request at microversion `mv` (`"3.47"`).
+fn v3_at(d: &DaemonProc, mv: &str, method: &str, path: &str, body: Option<&str>) -> Resp {
+    try_http(
+        &d.socket,
+        method,
+        &format!("/v3/{TENANT}{path}"),
+        Some(TOKEN),
+        body,
+        &[("OpenStack-API-Version", &format!("volume {mv}"))],
+    )
+    .unwrap()
+}
+
+/// A full backup of the volume as it is now, waited for; its id.
+fn backup_now(d: &DaemonProc, name: &str) -> String {
+    let id = created_id(&create(
+        d,
+        &format!(r#"{{"backup": {{"volume_id": "{VOL}", "name": "{name}"}}}}"#),
+    ));
+    let b = wait_backup(d, &id);
+    assert_eq!(b["status"], "available", "{b}\n{}", d.log_text());
+    id
+}
+
+/// The path and query of a `*_links` next link (the daemon's base URL cut off).
+fn next_of(body: &Value, collection: &str) -> Option<String> {
+    let links = body.get(format!("{collection}_links"))?;
+    assert_eq!(links[0]["rel"], "next", "{links}");
+    let href = links[0]["href"].as_str().unwrap();
+    let at = href.find(&format!("/v3/{TENANT}/")).expect("a v3 link");
+    Some(href[at..].to_string())
+}
+
+/// Follow a list's next links from `first`; the ids of each page, and
+/// whether each page had a next link.
+fn walk(d: &DaemonProc, first: &str) -> Vec<(Vec<String>, bool)> {
+    let mut pages = Vec::new();
+    let mut path = Some(first.to_string());
+    while let Some(p) = path {
+        let r = http(&d.socket, "GET", &p, Some(TOKEN), None);
+        assert_eq!(r.status, 200, "{p}: {}", r.body);
+        let body = r.json();
+        let ids = body["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].as_str().unwrap().to_string())
+            .collect();
+        path = next_of(&body, "backups");
+        pages.push((ids, path.is_some()));
+        assert!(pages.len() <= 10, "the links never end: {pages:?}");
+    }
+    pages
+}
+
+fn new_volume(r: &Resp) -> (String, Value) {
+    assert_eq!(r.status, 202, "{}", r.body);
+    let v = r.json()["volume"].clone();
+    (v["id"].as_str().unwrap().to_string(), v)
+}
+
+#[test]
+fn backup_lists_page_and_volumes_are_made_from_backups() {
+    if !root("backup lists and volumes from backups")
+        || !have_server("backup lists and volumes from backups")
+    {
+        return;
+    }
+    let server = S3Server::start();
+    let proxy = Proxy::start(server.port);
+    let files = remote_files(
+        &proxy.endpoint(),
+        None,
+        "object_size = \"1MiB\"\nconcurrency = 1\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let size = 2u64 << 20;
+    let d = daemon(dir.path(), &files, size);
+    let img = dir.path().join("a.img");
+
+    // Three backups, each of different data, named out of their order.
+    let want1 = read_all(&img);
+    let b1 = backup_now(&d, "gamma");
+    write_at(&img, 4096 * 7, &random_bytes(21, 4096 * 2));
+    let want2 = read_all(&img);
+    let b2 = backup_now(&d, "alpha");
+    write_at(&img, 1 << 20, &random_bytes(22, 4096));
+    let want3 = read_all(&img);
+    let b3 = backup_now(&d, "beta");
+    assert!(want1 != want2 && want2 != want3);
+
+    // One at a time, newest first, following backups_links: a full page
+    // has a next link (Cinder's rule), so the last one leads to an empty
+    // page without one.
+    let pages = walk(&d, &format!("/v3/{TENANT}/backups?limit=1"));
+    assert_eq!(
+        pages,
+        vec![
+            (vec![b3.clone()], true),
+            (vec![b2.clone()], true),
+            (vec![b1.clone()], true),
+            (vec![], false),
+        ]
+    );
+    // The detail list by name, two a page; the link keeps the query.
+    // Before 3.37 the key is display_name, as in Cinder.
+    let r = v3(&d, "GET", "/backups/detail?sort=name:asc", None);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().1.contains("3.37"), "{}", r.body);
+    let pages = walk(
+        &d,
+        &format!("/v3/{TENANT}/backups/detail?limit=2&sort=display_name:asc"),
+    );
+    assert_eq!(
+        pages,
+        vec![
+            (vec![b2.clone(), b3.clone()], true),
+            (vec![b1.clone()], false)
+        ]
+    );
+    let r = v3_at(
+        &d,
+        "3.45",
+        "GET",
+        "/backups/detail?sort=name:desc&limit=1&with_count=true",
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let body = r.json();
+    assert_eq!(body["count"], 3, "{body}");
+    assert_eq!(body["backups"][0]["name"], "gamma");
+    assert_eq!(body["backups"][0]["status"], "available");
+    // v2's sort_key/sort_dir, and an offset.
+    let r = http(
+        &d.socket,
+        "GET",
+        &format!("/v2/{TENANT}/backups?sort_key=created_at&sort_dir=asc&offset=1"),
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ids: Vec<Value> = r.json()["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].clone())
+        .collect();
+    assert_eq!(ids, [b2.as_str(), b3.as_str()]);
+    // Filters: name, status, volume_id; unknown parameters are dropped
+    // before 3.31.
+    let r = v3(&d, "GET", "/backups/detail?name=alpha&colour=red", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let list = r.json()["backups"].clone();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["id"], b2.as_str());
+    let r = v3(&d, "GET", &format!("/backups?volume_id={PLAIN}"), None);
+    assert_eq!(r.json()["backups"], serde_json::json!([]));
+    let r = v3(&d, "GET", "/backups?status=error", None);
+    assert_eq!(r.json()["backups"], serde_json::json!([]));
+    let r = v3(
+        &d,
+        "GET",
+        &format!("/backups?status=available&volume_id={VOL}"),
+        None,
+    );
+    assert_eq!(r.json()["backups"].as_array().unwrap().len(), 3);
+    // Bad values: 400s that say what.
+    let marker = "6f0b2f9e-0000-4000-8000-000000000000";
+    let r = v3(&d, "GET", &format!("/backups?marker={marker}"), None);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().1.contains(marker), "{}", r.body);
+    let r = v3(&d, "GET", "/backups/detail?limit=many", None);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().1.contains("limit"), "{}", r.body);
+    let r = v3(&d, "GET", "/backups?sort=id:sideways", None);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().1.contains("sort direction"), "{}", r.body);
+    let r = v3_at(&d, "3.31", "GET", "/backups?size=1", None);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().1.contains("size"), "{}", r.body);
+
+    // A volume from a backup (3.47): the restore's own operation. While it
+    // reads the backup, the backup shows restoring and cannot be deleted.
+    proxy.set(Faults {
+        slow_every: Some(1),
+        slow_match: ("GET".into(), "/objects/".into()),
+        slow_for: Duration::from_millis(700),
+        ..Faults::default()
+    });
+    let (vid, v) = new_volume(&v3_at(
+        &d,
+        "3.47",
+        "POST",
+        "/volumes",
+        Some(&format!(
+            r#"{{"volume": {{"backup_id": "{b1}", "name": "from-gamma", "size": null, "snapshot_id": null}}}}"#
+        )),
+    ));
+    assert_eq!(v["status"], "creating", "{v}");
+    assert_eq!(v["name"], "from-gamma");
+    assert_eq!(v["size"], 1, "the backup's size in GB: {v}");
+    let b = v3(&d, "GET", &format!("/backups/{b1}"), None).json()["backup"].clone();
+    assert_eq!(b["status"], "restoring", "{b}");
+    let r = v3(&d, "DELETE", &format!("/backups/{b1}"), None);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.error()
+            .1
+            .contains(&format!("is being restored into volume {vid}")),
+        "{}",
+        r.body
+    );
+    let v = d.wait_volume(&vid, &["creating"]);
+    proxy.set(Faults::default());
+    assert_eq!(v["status"], "available", "{v}\n{}", d.log_text());
+    assert_eq!(v["metadata"]["blocksnap:backup_id"], b1.as_str());
+    let dev = v["metadata"]["blocksnap:device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_same(
+        &read_all(Path::new(&dev)),
+        &want1,
+        "volume from backup gamma",
+    );
+    let b = wait_backup(&d, &b1);
+    assert_eq!(b["status"], "available", "{b}");
+
+    // Larger than the backup (Cinder allows size >= the backup's): the
+    // backup's bytes, then zeros.
+    let (vid, v) = new_volume(&v3_at(
+        &d,
+        "3.47",
+        "POST",
+        "/volumes",
+        Some(&format!(
+            r#"{{"volume": {{"backup_id": "{b2}", "size": 2}}}}"#
+        )),
+    ));
+    assert_eq!(v["size"], 2, "{v}");
+    let v = d.wait_volume(&vid, &["creating"]);
+    assert_eq!(v["status"], "available", "{v}\n{}", d.log_text());
+    let dev = v["metadata"]["blocksnap:device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&dev).unwrap();
+        assert_eq!(f.seek(SeekFrom::End(0)).unwrap(), 2 << 30, "device size");
+        let mut head = vec![0u8; want2.len()];
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_exact(&mut head).unwrap();
+        assert_same(&head, &want2, "volume of 2 GB from backup alpha");
+        let mut tail = vec![1u8; 1 << 20];
+        f.seek(SeekFrom::End(-(1 << 20))).unwrap();
+        f.read_exact(&mut tail).unwrap();
+        assert!(
+            tail.iter().all(|&b| b == 0),
+            "the grown part reads as zeros"
+        );
+    }
+
+    // Below 3.47 Cinder's controller takes backup_id all the same (its
+    // schemas let it through unchecked since the jsonschema change).
+    let (vid, _) = new_volume(&v3_at(
+        &d,
+        "3.46",
+        "POST",
+        "/volumes",
+        Some(&format!(r#"{{"volume": {{"backup_id": "{b3}"}}}}"#)),
+    ));
+    let v = d.wait_volume(&vid, &["creating"]);
+    assert_eq!(v["status"], "available", "{v}\n{}", d.log_text());
+    let dev = v["metadata"]["blocksnap:device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_same(
+        &read_all(Path::new(&dev)),
+        &want3,
+        "3.46 volume from backup beta",
+    );
+    // v2's controller never knew it: a blank volume of the size asked.
+    let r = http(
+        &d.socket,
+        "POST",
+        &format!("/v2/{TENANT}/volumes"),
+        Some(TOKEN),
+        Some(&format!(
+            r#"{{"volume": {{"backup_id": "{b3}", "size": 1}}}}"#
+        )),
+    );
+    let (vid, _) = new_volume(&r);
+    let v = d.wait_volume(&vid, &["creating"]);
+    assert_eq!(v["status"], "available", "{v}");
+    assert!(v["metadata"].get("blocksnap:backup_id").is_none(), "{v}");
+
+    // Refusals, in Cinder's words.
+    let unknown = "0e5f3d4c-1111-4222-8333-944455566677";
+    for mv in ["3.47", "3.46"] {
+        let r = v3_at(
+            &d,
+            mv,
+            "POST",
+            "/volumes",
+            Some(&format!(r#"{{"volume": {{"backup_id": "{unknown}"}}}}"#)),
+        );
+        assert_eq!(r.status, 404, "{mv}: {}", r.body);
+        assert_eq!(r.error().1, format!("Backup {unknown} could not be found."));
+    }
+    let r = v3_at(
+        &d,
+        "3.47",
+        "POST",
+        "/volumes",
+        Some(r#"{"volume": {"backup_id": "nope"}}"#),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().1.contains("volume.backup_id"), "{}", r.body);
+    let s = d.snapshot(VOL, "s");
+    let r = v3_at(
+        &d,
+        "3.47",
+        "POST",
+        "/volumes",
+        Some(&format!(
+            r#"{{"volume": {{"backup_id": "{b1}", "snapshot_id": "{s}"}}}}"#
+        )),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.error().1.contains("backup_id cannot be combined"),
+        "{}",
+        r.body
+    );
+    // Another tenant's backup is unknown to it.
+    let r = try_http(
+        &d.socket,
+        "POST",
+        &format!("/v3/{TENANT2}/volumes"),
+        Some(TOKEN2),
+        Some(&format!(r#"{{"volume": {{"backup_id": "{b1}"}}}}"#)),
+        &[("OpenStack-API-Version", "volume 3.47")],
+    )
+    .unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    // A backup still being made is not available.
+    proxy.set(Faults {
+        slow_every: Some(1),
+        slow_match: ("PUT".into(), "/objects/".into()),
+        slow_for: Duration::from_millis(700),
+        ..Faults::default()
+    });
+    let b4 = created_id(&create(
+        &d,
+        &format!(r#"{{"backup": {{"volume_id": "{VOL}"}}}}"#),
+    ));
+    let r = v3_at(
+        &d,
+        "3.47",
+        "POST",
+        "/volumes",
+        Some(&format!(r#"{{"volume": {{"backup_id": "{b4}"}}}}"#)),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(
+        r.error().1,
+        "Invalid backup: Originating backup status must be one of 'available' values"
+    );
+    proxy.set(Faults::default());
+    assert_eq!(wait_backup(&d, &b4)["status"], "available");
+}

@@ -478,6 +478,35 @@ fn cinderclient_backups() {
     let snap = b2["snapshot_id"].as_str().unwrap().to_string();
     check_made_volume(&s, r["volume_id"].as_str().unwrap(), &snap);
 
+    // One page of one (cinderclient stops at its limit, or follows
+    // backups_links to reach it), by name: "incr" before "nightly".
+    assert_eq!(
+        ids(&cli.run("backups-page", &["1", "name:asc"])),
+        [id2.as_str()]
+    );
+    assert_eq!(
+        ids(&api.run("backups-page", &["1", "name:desc"])),
+        [id.as_str()]
+    );
+    assert_eq!(
+        ids(&api.run("backups-page", &["2", "name:asc"])),
+        [id2.clone(), id.clone()]
+    );
+
+    // A volume from a backup (3.47): `cinder create --backup-id` and
+    // volumes.create(backup_id=...) hold the snapshot the backup holds.
+    let made = cli
+        .at("3.47")
+        .run("create-volume-from-backup", &[&id, "from-nightly"]);
+    assert_eq!(made["name"], "from-nightly", "{made}");
+    let full_snap = b["snapshot_id"].as_str().unwrap().to_string();
+    check_made_volume(&s, made["id"].as_str().unwrap(), &full_snap);
+    let made = api
+        .at("3.47")
+        .run("create-volume-from-backup", &[&id2, "from-incr"]);
+    assert_eq!(made["status"], "creating", "{made}");
+    check_made_volume(&s, made["id"].as_str().unwrap(), &snap);
+
     cli.run("backup-delete", &[&id]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while ids(&api.run("backups", &[])).contains(&id) {

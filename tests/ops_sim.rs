@@ -12,7 +12,7 @@ use blocksnap::config::Config;
 use blocksnap::daemon::backups::BackupStatus;
 use blocksnap::daemon::catalog::{SnapStatus, VolStatus};
 use blocksnap::daemon::ops::{
-    Caller, CreateBackup, CreateSnapshot, CreateVolume, MetadataChange, OpError, Ops,
+    BackupFilter, Caller, CreateBackup, CreateSnapshot, CreateVolume, MetadataChange, OpError, Ops,
     RestoreBackup, RevertVolume, UpdateSnapshot, VolumeStatus,
 };
 use blocksnap::daemon::sim::{Action, SimEngine, Step};
@@ -350,7 +350,11 @@ fn a_backup_holds_its_snapshot_and_backups_of_a_volume_take_turns() {
     assert_eq!(b.record.status, BackupStatus::Available);
     w.ops().delete_backup(&c1(), &id.to_string()).unwrap();
     w.idle();
-    assert!(w.ops().list_backups(&c1(), None).unwrap().is_empty());
+    assert!(w
+        .ops()
+        .list_backups(&c1(), &BackupFilter::default())
+        .unwrap()
+        .is_empty());
     assert!(w.sim.remote_backups().is_empty());
     w.ops().delete_snapshot(&c1(), &s2.to_string()).unwrap();
     w.idle();

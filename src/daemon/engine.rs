@@ -245,13 +245,15 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         progress: &Arc<crate::backup::Progress>,
         cancel: &Arc<AtomicBool>,
     ) -> Result<crate::backup::BackupOutcome, EngineError>;
-    /// Write backup `id` of `volume` on `remote` into a new image file.
+    /// Write backup `id` of `volume` on `remote` into a new image file of
+    /// `size_bytes` (the backup's size, or larger: the rest reads as zeros).
     fn restore_backup(
         &self,
         remote: &crate::config::RemoteConfig,
         volume: &str,
         id: Uuid,
         image: &Path,
+        size_bytes: u64,
         progress: &Arc<crate::backup::Progress>,
     ) -> Result<(), EngineError>;
     /// Delete backup `id` of `volume` from `remote` (objects no other backup
@@ -567,6 +569,7 @@ impl Engine for HostEngine {
         volume: &str,
         id: Uuid,
         image: &Path,
+        size_bytes: u64,
         progress: &Arc<crate::backup::Progress>,
     ) -> Result<(), EngineError> {
         let remote = crate::backup::Remote::open(remote)?;
@@ -578,6 +581,24 @@ impl Engine for HostEngine {
             cancel: None,
         };
         crate::backup::restore(&remote, volume, &id.to_string(), image, &opts)?;
+        // A volume asked larger than the backup: the rest reads as zeros
+        // (a hole), durable before the volume is said available.
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(image)
+            .map_err(|e| EngineError::io("open the restored image", image, e))?;
+        let len = f
+            .metadata()
+            .map_err(|e| EngineError::io("read the size of the restored image", image, e))?
+            .len();
+        if len < size_bytes {
+            f.set_len(size_bytes)
+                .map_err(|e| EngineError::io("grow the restored image", image, e))?;
+            f.sync_all()
+                .map_err(|e| EngineError::io("sync the grown image", image, e))?;
+        }
         Ok(())
     }
 

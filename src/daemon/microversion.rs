@@ -65,10 +65,11 @@ pub const MIN: Microversion = Microversion::new(3, 0);
 /// additionalProperties false on volume create and update); up to 3.52
 /// Cinder ignores them, as blocksnap does in every version. Everything
 /// 3.1-3.52 changes about the resources blocksnap serves (snapshots,
-/// volumes, their metadata, revert) is served as Cinder defines it; the
-/// versions that concern resources blocksnap does not have (groups,
-/// backups, messages, attachments, services, pools, clusters) change
-/// nothing here. The list is in docs/API.md.
+/// volumes, their metadata, revert, backups' list sort and volumes from
+/// backups) is served as Cinder defines it; the versions that concern
+/// resources blocksnap does not have (groups, messages, attachments,
+/// services, pools, clusters) change nothing here. The list is in
+/// docs/API.md.
 pub const MAX: Microversion = Microversion::new(3, 52);
 
 /// Microversions whose changes the views depend on (cinder/api/microversions.py).
@@ -82,6 +83,8 @@ pub mod features {
     pub const SNAPSHOT_LIST_METADATA_FILTER: Microversion = Microversion::new(3, 22);
     /// Sorting snapshots by name.
     pub const SNAPSHOT_SORT: Microversion = Microversion::new(3, 30);
+    /// Sorting backups by `name` (Cinder maps it to display_name).
+    pub const BACKUP_SORT_NAME: Microversion = Microversion::new(3, 37);
     /// `POST /volumes/{id}/action {"revert": ...}`.
     pub const VOLUME_REVERT: Microversion = Microversion::new(3, 40);
     /// `user_id` in snapshot details.

@@ -873,6 +873,7 @@ impl Engine for SimEngine {
         volume: &str,
         id: Uuid,
         image: &Path,
+        _size_bytes: u64,
         _progress: &Arc<crate::backup::Progress>,
     ) -> Result<(), EngineError> {
         self.step(Step::BackupRestore, image, false)?;

@@ -202,6 +202,13 @@ class CinderCli:
     def backup_delete(self, bid):
         self.cmd("backup-delete", bid)
 
+    def backups_page(self, limit, sort):
+        return self.rows("backup-list", "--limit", limit, "--sort", sort)
+
+    def create_volume_from_backup(self, bid, name):
+        # --backup-id exists from 3.47 (BLOCKSNAP_VOLUME_API_VERSION).
+        return self.props("create", "--backup-id", bid, "--name", name)
+
     # volumes
     def volumes(self):
         return self.rows("list")
@@ -307,6 +314,12 @@ class CinderApi:
 
     def backup_delete(self, bid):
         self.c.backups.delete(bid)
+
+    def backups_page(self, limit, sort):
+        return [reduce(b) for b in self.c.backups.list(limit=int(limit), sort=sort)]
+
+    def create_volume_from_backup(self, bid, name):
+        return reduce(self.c.volumes.create(None, backup_id=bid, name=name))
 
     def volumes(self):
         return [reduce(v) for v in self.c.volumes.list()]

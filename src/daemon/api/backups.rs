@@ -1,6 +1,14 @@
 //! Cinder's backups API on v2 and v3: /{v2,v3}/{project_id}/backups
 //! [/detail|/{id}|/{id}/restore], over the backup operations
 //! (`ops::backups`). v1 (Rackspace's) has no backups.
+//!
+//! Lists page and filter as Cinder's backups controller does (the same
+//! parameters as the snapshot and volume lists: `limit`, `marker`,
+//! `offset`, `sort` or `sort_key`/`sort_dir`, `with_count` from 3.45, and
+//! the filters name, status, volume_id), with a `backups_links` next link
+//! when a page is full.
+
+use std::collections::BTreeMap;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -11,12 +19,11 @@ use axum::{Extension, Json, Router};
 use serde_json::{json, Map, Value};
 
 use super::body::ApiResult;
-use super::cinder::{ctx, object};
-use super::errors::ApiError;
+use super::cinder::{ctx, everything, list_answer, object, Listed};
 use super::{run, ApiPath, ApiQuery, Shared, Tenant};
-use crate::daemon::ops::{Backup, CreateBackup, RestoreBackup};
+use crate::daemon::ops::{Backup, BackupFilter, CreateBackup, RestoreBackup};
 use crate::daemon::views::cinder::{Api, Ctx};
-use crate::daemon::views::request;
+use crate::daemon::views::request::{self, Collection};
 use crate::util::format_timestamp;
 
 pub(super) fn routes() -> Router<Shared> {
@@ -115,38 +122,54 @@ async fn list_any(
     api: Api,
     t: Tenant,
     headers: HeaderMap,
-    q: std::collections::BTreeMap<String, String>,
+    q: BTreeMap<String, String>,
     detailed: bool,
 ) -> ApiResult<Json<Value>> {
-    let c = ctx(api, &headers, &t.0);
-    let volume = q.get("volume_id").cloned();
-    let limit = match q.get("limit") {
-        None => usize::MAX,
-        Some(l) => l.parse::<usize>().map_err(|_| {
-            ApiError::bad_request(format!(
-                "Invalid input received: limit must be a whole number, not {}",
-                crate::daemon::ops::clean_id(l)
-            ))
-        })?,
+    let lr = request::list_request(api, Collection::Backups, &q)?;
+    let f = BackupFilter {
+        status: lr.status.clone(),
+        volume_id: lr.volume_id.clone(),
+        name: lr.name.clone(),
+        name_like: lr.name_like.clone(),
+        page: lr.page.clone(),
     };
-    let status = q.get("status").cloned();
-    let items = run(&d, move |ops| {
-        ops.list_backups(&t.caller(), volume.as_deref())
+    let c = ctx(api, &headers, &t.0);
+    let with_count = lr.with_count;
+    let caller = t.caller();
+    let listed = run(&d, move |ops| {
+        let items = ops.list_backups(&caller, &f)?;
+        let count = if with_count {
+            let all = BackupFilter {
+                page: everything(&f.page),
+                ..f.clone()
+            };
+            Some(ops.list_backups(&caller, &all)?.len())
+        } else {
+            None
+        };
+        Ok(Listed { items, count })
     })
     .await?;
-    let items: Vec<Value> = items
-        .iter()
-        .filter(|b| status.as_deref().is_none_or(|s| b.status == s))
-        .take(limit)
-        .map(|b| {
-            Value::Object(if detailed {
+    let path = if detailed {
+        "backups/detail"
+    } else {
+        "backups"
+    };
+    Ok(list_answer(
+        &c,
+        path,
+        &q,
+        &lr,
+        listed,
+        |b| b.record.id.to_string(),
+        |b| {
+            if detailed {
                 detail(&c, b)
             } else {
                 summary(&c, b)
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "backups": items })))
+            }
+        },
+    ))
 }
 
 async fn backups_list(

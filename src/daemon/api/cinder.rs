@@ -185,12 +185,12 @@ pub(super) async fn object(headers: &HeaderMap, body: Body, key: &str) -> ApiRes
 
 /// A list's items and total: one page, and with `with_count` the number of
 /// all items that match.
-struct Listed<T> {
-    items: Vec<T>,
-    count: Option<usize>,
+pub(super) struct Listed<T> {
+    pub(super) items: Vec<T>,
+    pub(super) count: Option<usize>,
 }
 
-fn everything(page: &Page) -> Page {
+pub(super) fn everything(page: &Page) -> Page {
     Page {
         sort: page.sort.clone(),
         ..Page::default()
@@ -199,7 +199,7 @@ fn everything(page: &Page) -> Page {
 
 /// A list answer; `path` is the list's path under the project
 /// (`snapshots/detail`), its first segment the collection.
-fn list_answer<T>(
+pub(super) fn list_answer<T>(
     c: &Ctx,
     path: &str,
     q: &BTreeMap<String, String>,
@@ -498,6 +498,7 @@ async fn volume_create(
     let r = request::volume_create(Some(api), object(&headers, body, "volume").await?)?;
     let req = CreateVolume {
         snapshot_id: r.snapshot_id,
+        backup_id: r.backup_id,
         size_gb: r.size_gb,
         source_volid: r.source_volid,
         image_ref: r.image_ref,

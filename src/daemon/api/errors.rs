@@ -89,7 +89,9 @@ pub fn status_of(e: &OpError) -> StatusCode {
         | BadSize { .. }
         | NoSource
         | SmallerThanSnapshot { .. }
+        | SmallerThanBackup { .. }
         | SourcesCombined
+        | BackupSourceCombined
         | CloneUnsupported
         | BadMarker(_)
         | SourceSnapshotNotAvailable
@@ -112,6 +114,7 @@ pub fn status_of(e: &OpError) -> StatusCode {
         | BackupSnapshotNotAvailable
         | BackupNotAvailable
         | BackupNotDeletable
+        | SourceBackupNotAvailable
         | InUse { .. } => StatusCode::BAD_REQUEST,
         MetadataKeyTooLong
         | MetadataValueTooLong

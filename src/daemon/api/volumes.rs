@@ -162,6 +162,8 @@ async fn volume_create(
     let _ = (&req.availability_zone, &req.volume_type);
     let req = CreateVolume {
         snapshot_id: req.snapshot_id,
+        // v1 (Rackspace's) has no backups.
+        backup_id: None,
         size_gb: parse_size(&req.size),
         source_volid: req.source_volid,
         image_ref: req.image_ref,

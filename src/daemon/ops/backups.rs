@@ -16,6 +16,7 @@
 //! through [`Ops::create_snapshot`] (what Cinder backs up is the volume as
 //! it is now) and then backs that snapshot up.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +29,10 @@ use crate::daemon::backups::{percent, BackupRecord, BackupStatus};
 use crate::daemon::catalog::{SnapStatus, VolStatus, VolumeKind, VolumeRecord};
 use crate::daemon::claims::{Claim, Resource, Want};
 use crate::daemon::engine::BackupJob;
-use crate::daemon::store::{Change, VolumeQuery};
+use crate::daemon::store::mem::{self, HasId, KeyValue};
+use crate::daemon::store::{Change, Page, SortKey, StoreError, VolumeQuery};
 use crate::daemon::{logline, Daemon, JobClaim};
+use crate::defaults::GB;
 use crate::util::{error_chain, now_micros};
 
 /// A new backup of a volume.
@@ -55,6 +58,30 @@ pub struct RestoreBackup {
     pub name: Option<String>,
 }
 
+/// Which backups to list. Every filter that is `Some` must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackupFilter {
+    /// Status as the API shows it ("restoring" while a restore reads it).
+    pub status: Option<String>,
+    pub volume_id: Option<String>,
+    /// Exact name.
+    pub name: Option<String>,
+    /// Names containing this (v3 `name~`).
+    pub name_like: Option<String>,
+    pub page: Page,
+}
+
+/// The new volume a backup is restored into.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct NewVolume {
+    pub name: String,
+    pub description: String,
+    /// The caller's items (checked); `blocksnap:backup_id` is added.
+    pub metadata: BTreeMap<String, String>,
+    /// Size in GB asked for (at least the backup's); none: the backup's.
+    pub size_gb: Option<u64>,
+}
+
 /// A backup as an operation returns it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Backup {
@@ -68,12 +95,36 @@ pub struct Backup {
     pub has_dependents: bool,
 }
 
+impl HasId for Backup {
+    fn id_text(&self) -> String {
+        self.record.id.to_string()
+    }
+    fn id_key(&self) -> KeyValue<'_> {
+        KeyValue::Uuid(self.record.id)
+    }
+}
+
+/// A backup's value for a sort key; its status as shown.
+fn backup_key(b: &Backup, k: SortKey) -> KeyValue<'_> {
+    let r = &b.record;
+    match k {
+        SortKey::CreatedAt => KeyValue::Int(r.created_us),
+        SortKey::UpdatedAt => KeyValue::Int(r.updated_us),
+        SortKey::Id => KeyValue::Uuid(r.id),
+        SortKey::Name => KeyValue::Text(&r.name),
+        SortKey::Status => KeyValue::Text(b.status),
+        SortKey::Size => KeyValue::Size(r.size_bytes),
+    }
+}
+
 /// What a restore started.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Restored {
     pub backup_id: Uuid,
     pub volume_id: String,
     pub volume_name: String,
+    /// The new volume's record as made durable (status creating).
+    pub record: VolumeRecord,
 }
 
 impl Ops {
@@ -112,21 +163,28 @@ impl Ops {
         }
     }
 
-    /// The caller's backups, newest first; only of `volume_id` if given.
-    pub fn list_backups(
-        &self,
-        c: &Caller,
-        volume_id: Option<&str>,
-    ) -> Result<Vec<Backup>, OpError> {
+    /// The caller's backups that pass `f`'s filters, in its order (newest
+    /// first by default), its page of them; an unknown marker is refused.
+    pub fn list_backups(&self, c: &Caller, f: &BackupFilter) -> Result<Vec<Backup>, OpError> {
         let all = self.d.backups.all();
-        let mut out: Vec<Backup> = all
+        let hits: Vec<Backup> = all
             .iter()
             .filter(|r| r.tenant == c.tenant)
-            .filter(|r| volume_id.is_none_or(|v| r.volume_id == v))
+            .filter(|r| f.volume_id.as_ref().is_none_or(|v| r.volume_id == *v))
+            .filter(|r| f.name.as_ref().is_none_or(|n| r.name == *n))
+            .filter(|r| {
+                f.name_like
+                    .as_ref()
+                    .is_none_or(|n| r.name.contains(n.as_str()))
+            })
             .map(|r| self.backup_of(r.clone(), &all))
+            .filter(|b| f.status.as_ref().is_none_or(|s| b.status == s))
             .collect();
-        out.reverse();
-        Ok(out)
+        let page = mem::page(hits.iter().collect(), &f.page, backup_key).map_err(|e| match e {
+            StoreError::UnknownMarker(m) => OpError::BadMarker(m),
+            e => e.into(),
+        })?;
+        Ok(page.into_iter().cloned().collect())
     }
 
     /// One backup; `id` as the request gave it.
@@ -336,6 +394,46 @@ impl Ops {
         if r.status != BackupStatus::Available {
             return Err(OpError::BackupNotAvailable);
         }
+        let name = req
+            .name
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| format!("restore_backup_{}", r.id));
+        let description = format!("restored from backup {}", r.id);
+        self.restore_into_new(
+            c,
+            r,
+            NewVolume {
+                name,
+                description,
+                ..NewVolume::default()
+            },
+            OpError::BackupNotAvailable,
+        )
+    }
+
+    /// The backup a new volume is to be made from (`POST /volumes` with a
+    /// backup_id), as Cinder's create flow checks it: unknown is a 404,
+    /// not available a 400.
+    pub(super) fn source_backup(&self, c: &Caller, id: &str) -> Result<BackupRecord, OpError> {
+        let r = self.find_backup(c, id)?;
+        if r.status != BackupStatus::Available {
+            return Err(OpError::SourceBackupNotAvailable);
+        }
+        Ok(r)
+    }
+
+    /// Restore available backup `r` into a new volume `v`: the one way a
+    /// volume is made from a backup (the restore action and a volume
+    /// create with a backup_id). `gone` is the refusal when the backup
+    /// stopped being available before the claim was taken.
+    pub(super) fn restore_into_new(
+        &self,
+        c: &Caller,
+        r: BackupRecord,
+        v: NewVolume,
+        gone: OpError,
+    ) -> Result<Restored, OpError> {
+        let size_bytes = restored_size(r.size_bytes, v.size_gb)?;
         let remote = self.remote(&r.remote)?;
         let d = &self.d;
         let max = d.config.max_made_volumes;
@@ -374,12 +472,15 @@ impl Ops {
             .get(r.id)
             .is_none_or(|b| b.status != BackupStatus::Available)
         {
-            return Err(OpError::BackupNotAvailable);
+            return Err(gone);
         }
-        let name = req
-            .name
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| format!("restore_backup_{}", r.id));
+        let NewVolume {
+            name,
+            description,
+            mut metadata,
+            ..
+        } = v;
+        metadata.insert("blocksnap:backup_id".to_string(), r.id.to_string());
         let image = d.image_path(&vid);
         let record = VolumeRecord {
             id: vid.clone(),
@@ -391,11 +492,11 @@ impl Ops {
             tenant: Some(c.tenant.clone()),
             status: VolStatus::Creating,
             display_name: name.clone(),
-            display_description: format!("restored from backup {}", r.id),
-            metadata: [("blocksnap:backup_id".to_string(), r.id.to_string())].into(),
+            display_description: description,
+            metadata,
             created_us: now_micros(),
             updated_us: 0,
-            size_bytes: r.size_bytes,
+            size_bytes,
             error: None,
         };
         d.write(|s| -> Result<(), OpError> {
@@ -412,7 +513,7 @@ impl Ops {
             remote,
             volume: vid.clone(),
             image,
-            size_bytes: r.size_bytes,
+            size_bytes,
         };
         d.spawn(
             Subject::RestoreBackup {
@@ -426,7 +527,23 @@ impl Ops {
             backup_id: r.id,
             volume_id: vid,
             volume_name: name,
+            record,
         })
+    }
+}
+
+/// The size of a volume restored from a backup of `backup_bytes`: exactly
+/// the backup's bytes unless a larger size in GB was asked for; smaller
+/// than the backup's size in GB is refused (Cinder's create flow).
+fn restored_size(backup_bytes: u64, size_gb: Option<u64>) -> Result<u64, OpError> {
+    let backup_gb = backup_bytes.div_ceil(GB);
+    match size_gb {
+        Some(want) if want < backup_gb => Err(OpError::SmallerThanBackup {
+            want,
+            backup: backup_gb,
+        }),
+        Some(want) if want > backup_gb => Ok(want * GB),
+        _ => Ok(backup_bytes),
     }
 }
 
@@ -599,6 +716,7 @@ struct RestoreJob {
     remote: RemoteConfig,
     volume: String,
     image: std::path::PathBuf,
+    /// The new volume's size: the backup's, or larger.
     size_bytes: u64,
 }
 
@@ -614,6 +732,7 @@ fn restore(d: &Daemon, claim: &JobClaim, job: RestoreJob) {
             &job.source_volume,
             job.backup,
             &job.image,
+            job.size_bytes,
             &progress,
         )
         .and_then(|()| d.engine.attach(&job.image));
@@ -722,5 +841,31 @@ pub fn resume(d: &Arc<Daemon>) {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_volume_from_a_backup_is_at_least_the_backups_size() {
+        let mib = 1 << 20;
+        // The backup's exact bytes when no size, or its own size, is asked.
+        assert_eq!(restored_size(6 * mib, None).unwrap(), 6 * mib);
+        assert_eq!(restored_size(6 * mib, Some(1)).unwrap(), 6 * mib);
+        assert_eq!(restored_size(2 * GB, Some(2)).unwrap(), 2 * GB);
+        // Larger: whole GB.
+        assert_eq!(restored_size(6 * mib, Some(3)).unwrap(), 3 * GB);
+        // Smaller than the backup's size in GB (rounded up): Cinder's 400.
+        let e = restored_size(GB + 4096, Some(1)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Invalid input received: Volume size 1GB cannot be smaller than the backup size 2GB. It must be >= backup size."
+        );
+        assert_eq!(
+            crate::daemon::api::errors::status_of(&e),
+            axum::http::StatusCode::BAD_REQUEST
+        );
     }
 }

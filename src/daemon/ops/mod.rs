@@ -30,7 +30,7 @@ use super::store::{Page, StoreError};
 use super::{Daemon, VolumeInfo};
 use crate::defaults::{MAX_METADATA_ITEMS, MAX_TEXT};
 
-pub use backups::{Backup, CreateBackup, RestoreBackup, Restored};
+pub use backups::{Backup, BackupFilter, CreateBackup, RestoreBackup, Restored};
 pub use snapshots::{CreateSnapshot, SnapshotFilter, UpdateSnapshot};
 pub use volumes::{gb, CreateVolume, RevertVolume, UpdateVolume, VolumeFilter};
 
@@ -201,6 +201,10 @@ pub enum OpError {
     NoSource,
     #[error("Invalid input received: Volume size {want}GB cannot be smaller than the snapshot size {snapshot}GB. They must be >= original snapshot size.")]
     SmallerThanSnapshot { want: u64, snapshot: u64 },
+    #[error("Invalid input received: Volume size {want}GB cannot be smaller than the backup size {backup}GB. It must be >= backup size.")]
+    SmallerThanBackup { want: u64, backup: u64 },
+    #[error("Invalid input received: backup_id cannot be combined with snapshot_id, source_volid or imageRef")]
+    BackupSourceCombined,
     #[error(
         "Invalid input received: snapshot_id cannot be combined with source_volid or imageRef"
     )]
@@ -270,6 +274,9 @@ pub enum OpError {
     BackupNotAvailable,
     #[error("Invalid backup: Backup status must be available or error")]
     BackupNotDeletable,
+    /// The backup a volume is to be made from (Cinder's create flow).
+    #[error("Invalid backup: Originating backup status must be one of 'available' values")]
+    SourceBackupNotAvailable,
     /// Something running holds what this operation needs.
     #[error("{about}: {conflict}; try again when it has finished")]
     InUse { about: About, conflict: Conflict },

@@ -20,10 +20,13 @@ use crate::daemon::store::{
 use crate::defaults::{made_volume, GB};
 use crate::util::now_micros;
 
-/// A new volume: from a snapshot, or blank.
+/// A new volume: from a snapshot, from a backup, or blank.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CreateVolume {
     pub snapshot_id: Option<String>,
+    /// Restore this backup into the new volume (the restore action's
+    /// operation: same claims, same job).
+    pub backup_id: Option<String>,
     /// Size in GB; a size that is not a whole number of GB is given as 0.
     pub size_gb: Option<u64>,
     /// Cloning a volume or an image is refused.
@@ -160,6 +163,38 @@ impl Ops {
         }
         if req.snapshot_id.is_some() && (req.source_volid.is_some() || req.image_ref.is_some()) {
             return Err(OpError::SourcesCombined);
+        }
+        if req.backup_id.is_some()
+            && (req.snapshot_id.is_some() || req.source_volid.is_some() || req.image_ref.is_some())
+        {
+            return Err(OpError::BackupSourceCombined);
+        }
+        if let Some(bid) = &req.backup_id {
+            let backup = self.source_backup(c, bid)?;
+            let backup_gb = gb(backup.size_bytes);
+            if let Some(want) = req.size_gb.filter(|&w| w > backup_gb) {
+                self.check_room(None, want * GB)?;
+            }
+            let out = self.restore_into_new(
+                c,
+                backup,
+                super::backups::NewVolume {
+                    name: req.name.unwrap_or_default(),
+                    description: req.description.unwrap_or_default(),
+                    metadata,
+                    size_gb: req.size_gb,
+                },
+                OpError::SourceBackupNotAvailable,
+            )?;
+            // As recorded when answered, as below.
+            let size_bytes = out.record.size_bytes;
+            let info = crate::daemon::Daemon::made_info(out.record).expect("a made volume");
+            return Ok(Volume {
+                info,
+                status: VolumeStatus::Creating,
+                size_bytes,
+                progress: None,
+            });
         }
         if req.source_volid.is_some() || req.image_ref.is_some() {
             return Err(OpError::CloneUnsupported);

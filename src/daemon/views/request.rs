@@ -265,9 +265,51 @@ pub struct VolumeCreate {
     /// Cloning a volume or an image: refused by the operation.
     pub source_volid: Option<String>,
     pub image_ref: Option<String>,
+    /// Restore this backup into the new volume (v3; Cinder's 3.47).
+    pub backup_id: Option<String>,
     pub name: Option<String>,
     pub description: Option<String>,
     pub metadata: BTreeMap<String, String>,
+}
+
+/// `volume.backup_id` as Cinder's v3 controller reads it: at every
+/// microversion (its schemas up to 3.46 let unknown fields through
+/// unchecked, and the controller has taken `backup_id` without a version
+/// check since the jsonschema change, cinder commit 48b8973ae), checked to
+/// be a UUID from 3.47 (`optional_uuid` in create_volume_v347); an empty
+/// value asks for nothing (`if backup_id:`). v2's controller never had it:
+/// ignored there, as v1 ignores it.
+fn backup_source(api: Option<Api>, f: &Fields) -> Result<Option<String>, RequestError> {
+    let Some(api @ Api::V3(_)) = api else {
+        return Ok(None);
+    };
+    let Some(v) = f.raw("backup_id") else {
+        return Ok(None);
+    };
+    if api.has(features::VOLUME_CREATE_FROM_BACKUP) {
+        return match v {
+            Value::String(s) if uuid::Uuid::parse_str(s).is_ok() => Ok(Some(s.clone())),
+            other => Err(RequestError::field(
+                f.name("backup_id"),
+                format!("expected a backup's UUID, not {}", describe(other)),
+            )),
+        };
+    }
+    // Before 3.47 nothing checks it: Python's `if backup_id:` skips what
+    // is false, and looks up anything else (which no backup is named).
+    let falsy = match v {
+        Value::String(s) => s.is_empty(),
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(m) => m.is_empty(),
+        Value::Null => true,
+    };
+    Ok(match v {
+        _ if falsy => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    })
 }
 
 pub fn volume_create(api: Option<Api>, v: Value) -> Result<VolumeCreate, RequestError> {
@@ -283,12 +325,11 @@ pub fn volume_create(api: Option<Api>, v: Value) -> Result<VolumeCreate, Request
             match f.string(field)? {
                 Some(_) => Err(RequestError::field(
                     f.name(field),
-                    format!("blocksnap has no {what}; a volume comes from a snapshot (snapshot_id) or is blank (size)"),
+                    format!("blocksnap has no {what}; a volume comes from a snapshot (snapshot_id), a backup (backup_id, v3) or is blank (size)"),
                 )),
                 None => Ok(()),
             }
         };
-        unsupported("backup_id", "backups")?;
         unsupported("consistencygroup_id", "consistency groups")?;
         unsupported("group_id", "groups")?;
         if f.boolish("multiattach", |s| {
@@ -306,6 +347,7 @@ pub fn volume_create(api: Option<Api>, v: Value) -> Result<VolumeCreate, Request
         size_gb: f.size_gb("size")?,
         source_volid: f.string("source_volid")?,
         image_ref,
+        backup_id: backup_source(api, &f)?,
         name: f.first_string(names)?,
         description: f.first_string(descriptions)?,
         metadata: f.metadata("metadata")?.unwrap_or_default(),
@@ -365,6 +407,7 @@ pub fn metadata_body(
 pub enum Collection {
     Snapshots,
     Volumes,
+    Backups,
 }
 
 /// Largest and default page (Cinder's `osapi_max_limit`).
@@ -442,6 +485,9 @@ fn allowed_filters(c: Collection) -> &'static [&'static str] {
             "created_at",
             "updated_at",
         ],
+        // Cinder's resource_filters.json and the backups controller's
+        // non-admin options (both name, status, volume_id).
+        Collection::Backups => &["name", "status", "volume_id"],
     }
 }
 
@@ -450,20 +496,28 @@ fn allowed_filters(c: Collection) -> &'static [&'static str] {
 /// `project_id`.
 const IGNORED_FILTERS: &[&str] = &["all_tenants", "project_id"];
 
-fn sort_key(c: Collection, k: &str) -> Result<SortKey, RequestError> {
+fn sort_key(api: Api, c: Collection, k: &str) -> Result<SortKey, RequestError> {
     Ok(match k {
         "created_at" => SortKey::CreatedAt,
         "updated_at" => SortKey::UpdatedAt,
         "id" => SortKey::Id,
-        "name" | "display_name" => SortKey::Name,
+        "display_name" => SortKey::Name,
+        // Backups sort by `name` from 3.37 (BACKUP_SORT_NAME); before, and
+        // in v2, Cinder looks for a column `name` and refuses the key.
+        "name" if c != Collection::Backups || api.has(features::BACKUP_SORT_NAME) => SortKey::Name,
         "status" => SortKey::Status,
         "size" => SortKey::Size,
         "volume_size" if c == Collection::Snapshots => SortKey::Size,
         other => {
+            let name = if c == Collection::Backups && !api.has(features::BACKUP_SORT_NAME) {
+                "display_name (name from microversion 3.37)"
+            } else {
+                "name"
+            };
             return Err(RequestError::Param(format!(
-                "Invalid input received: Invalid sort key {}: sort by created_at, updated_at, id, name, status or size",
+                "Invalid input received: Invalid sort key {}: sort by created_at, updated_at, id, {name}, status or size",
                 other.chars().filter(|c| !c.is_control()).take(64).collect::<String>()
-            )))
+            )));
         }
     })
 }
@@ -482,6 +536,7 @@ fn sort_dir(d: &str) -> Result<SortDir, RequestError> {
 /// `sort_key`/`sort_dir`, never both; a key without a direction is
 /// descending; the default is newest first.
 fn sort_params(
+    api: Api,
     c: Collection,
     q: &BTreeMap<String, String>,
 ) -> Result<Vec<(SortKey, SortDir)>, RequestError> {
@@ -496,14 +551,14 @@ fn sort_params(
             let (k, d) = part.split_once(':').unwrap_or((part, ""));
             let d = d.trim();
             out.push((
-                sort_key(c, k.trim())?,
+                sort_key(api, c, k.trim())?,
                 sort_dir(if d.is_empty() { "desc" } else { d })?,
             ));
         }
     } else {
         let k = q.get("sort_key").map(|s| s.trim()).unwrap_or("created_at");
         let d = q.get("sort_dir").map(|s| s.trim()).unwrap_or("desc");
-        out.push((sort_key(c, k)?, sort_dir(d)?));
+        out.push((sort_key(api, c, k)?, sort_dir(d)?));
     }
     Ok(out)
 }
@@ -594,7 +649,7 @@ pub fn list_request(
         r.page.offset = n as usize;
     }
     r.page.marker = q.get("marker").cloned();
-    r.page.sort = sort_params(c, q)?;
+    r.page.sort = sort_params(api, c, q)?;
     if api.has(features::SUPPORT_COUNT_INFO) {
         if let Some(v) = q.get("with_count") {
             r.with_count = parse_bool(&Value::String(v.clone())).ok_or_else(|| {
@@ -627,7 +682,9 @@ pub fn list_request(
             r.nothing_matches = true;
             continue;
         }
-        let legacy_name = k == "display_name" && !strict;
+        // Cinder's backups controller drops display_name with the other
+        // filters it does not know.
+        let legacy_name = k == "display_name" && !strict && c != Collection::Backups;
         if !allowed_filters(c).contains(&base) && !legacy_name {
             if strict {
                 invalid.push(k.clone());
@@ -853,7 +910,6 @@ mod tests {
             }
         );
         for (field, value) in [
-            ("backup_id", json!("b")),
             ("consistencygroup_id", json!("c")),
             ("group_id", json!("g")),
             ("multiattach", json!(true)),
@@ -1069,5 +1125,189 @@ mod tests {
                 .nothing_matches
         );
         assert!(list_request(at(31), v, &q(&[("glance_metadata", "{}")])).is_err());
+    }
+
+    #[test]
+    fn volume_create_backup_id_as_cinders_v3_controller() {
+        let id = "0d7c3b3e-6b8a-4c55-9d55-2d4b1f8f6a01";
+        // 3.47's request as cinderclient sends it.
+        let r = volume_create(
+            v3(47),
+            json!({"size": null, "backup_id": id, "snapshot_id": null, "name": "r"}),
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            VolumeCreate {
+                backup_id: Some(id.into()),
+                name: Some("r".into()),
+                ..VolumeCreate::default()
+            }
+        );
+        // From 3.47 the schema wants a UUID or null.
+        for bad in [json!("b"), json!(""), json!(7)] {
+            let e = volume_create(v3(47), json!({"backup_id": bad})).unwrap_err();
+            assert!(
+                e.to_string().starts_with(
+                    "Invalid input for field volume.backup_id: expected a backup's UUID"
+                ),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            volume_create(v3(52), json!({"size": 1, "backup_id": null}))
+                .unwrap()
+                .backup_id,
+            None
+        );
+        // Before 3.47 Cinder's controller takes it unchecked: whatever is
+        // true is looked up (and found or a 404), whatever is false skipped.
+        assert_eq!(
+            volume_create(v3(46), json!({"backup_id": id}))
+                .unwrap()
+                .backup_id
+                .as_deref(),
+            Some(id)
+        );
+        assert_eq!(
+            volume_create(v3(0), json!({"backup_id": "b"}))
+                .unwrap()
+                .backup_id
+                .as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            volume_create(v3(46), json!({"backup_id": 7}))
+                .unwrap()
+                .backup_id
+                .as_deref(),
+            Some("7")
+        );
+        for falsy in [json!(""), json!(false), json!(0), json!([]), json!({})] {
+            assert_eq!(
+                volume_create(v3(46), json!({"size": 1, "backup_id": falsy}))
+                    .unwrap()
+                    .backup_id,
+                None
+            );
+        }
+        // v2's controller had no backup_id, v1 none either: ignored.
+        assert_eq!(
+            volume_create(Some(Api::V2), json!({"size": 1, "backup_id": id}))
+                .unwrap()
+                .backup_id,
+            None
+        );
+        assert_eq!(
+            volume_create(None, json!({"size": 1, "backup_id": id}))
+                .unwrap()
+                .backup_id,
+            None
+        );
+    }
+
+    #[test]
+    fn backup_lists_as_cinders_backups_controller() {
+        let b = Collection::Backups;
+        let at = |m| Api::V3(Microversion::new(3, m));
+        let r = list_request(
+            at(52),
+            b,
+            &q(&[
+                ("limit", "1"),
+                ("marker", "m"),
+                ("offset", "2"),
+                ("sort", "name:asc,created_at"),
+                ("name", "n"),
+                ("status", "available"),
+                ("volume_id", "vol"),
+                ("all_tenants", "1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            ListRequest {
+                page: Page {
+                    sort: vec![
+                        (SortKey::Name, SortDir::Asc),
+                        (SortKey::CreatedAt, SortDir::Desc)
+                    ],
+                    marker: Some("m".into()),
+                    offset: 2,
+                    limit: 1,
+                },
+                name: Some("n".into()),
+                status: Some("available".into()),
+                volume_id: Some("vol".into()),
+                ..ListRequest::default()
+            }
+        );
+        // Bad values of known parameters: 400s naming them.
+        assert_eq!(
+            list_request(at(52), b, &q(&[("limit", "x")]))
+                .unwrap_err()
+                .to_string(),
+            "limit param must be an integer"
+        );
+        assert_eq!(
+            list_request(at(52), b, &q(&[("sort_dir", "up")]))
+                .unwrap_err()
+                .to_string(),
+            "Invalid input received: Unknown sort direction, must be 'desc' or 'asc'."
+        );
+        // `name` sorts backups from 3.37 (display_name always); before,
+        // and in v2, Cinder has no column `name` to sort by.
+        assert!(list_request(at(36), b, &q(&[("sort", "name")])).is_err());
+        assert!(list_request(Api::V2, b, &q(&[("sort_key", "name")])).is_err());
+        assert_eq!(
+            list_request(at(36), b, &q(&[("sort_key", "display_name")]))
+                .unwrap()
+                .page
+                .sort,
+            vec![(SortKey::Name, SortDir::Desc)]
+        );
+        assert_eq!(
+            list_request(at(37), b, &q(&[("sort", "name:asc")]))
+                .unwrap()
+                .page
+                .sort,
+            vec![(SortKey::Name, SortDir::Asc)]
+        );
+        // Snapshots' and volumes' name sort is unchanged.
+        assert!(list_request(Api::V2, Collection::Volumes, &q(&[("sort", "name")])).is_ok());
+        // with_count from 3.45.
+        assert!(
+            list_request(at(45), b, &q(&[("with_count", "1")]))
+                .unwrap()
+                .with_count
+        );
+        assert!(
+            !list_request(at(44), b, &q(&[("with_count", "1")]))
+                .unwrap()
+                .with_count
+        );
+        // Filters other than name, status, volume_id: dropped before 3.31
+        // and in v2 (display_name too), refused from 3.31, as Cinder does.
+        let r = list_request(
+            Api::V2,
+            b,
+            &q(&[("display_name", "d"), ("metadata", "{'k': 'v'}")]),
+        )
+        .unwrap();
+        assert_eq!((r.name, r.metadata), (None, None));
+        assert_eq!(
+            list_request(at(31), b, &q(&[("size", "1")]))
+                .unwrap_err()
+                .to_string(),
+            "Invalid filters size are found in query options."
+        );
+        assert_eq!(
+            list_request(at(34), b, &q(&[("name~", "da")]))
+                .unwrap()
+                .name_like
+                .as_deref(),
+            Some("da")
+        );
     }
 }
