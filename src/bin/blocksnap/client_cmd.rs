@@ -712,11 +712,21 @@ pub fn backup(cmd: DaemonBackup, a: ClientArgs) -> Result<(), Failure> {
                     ),
                     None => backups_path(&c, "/detail"),
                 };
-                let (_, v) = c.raw(Method::GET, &path, None).await?;
+                // The daemon answers at most a page (1000, as Cinder): follow
+                // the next links to the end.
+                let mut items: Vec<Value> = Vec::new();
+                let mut next = Some(path);
+                let mut pages = 0;
+                while let Some(path) = next.take() {
+                    let (_, v) = c.raw(Method::GET, &path, None).await?;
+                    items.extend(v["backups"].as_array().cloned().unwrap_or_default());
+                    pages += 1;
+                    next = next_page(&v, "backups_links").filter(|_| pages < MAX_PAGES);
+                }
                 if a.json {
-                    print_json(&v["backups"]);
+                    print_json(&Value::Array(items));
                 } else {
-                    backup_table(v["backups"].as_array().map(|x| x.as_slice()).unwrap_or(&[]));
+                    backup_table(&items);
                 }
                 Ok(())
             }
@@ -757,4 +767,46 @@ pub fn backup(cmd: DaemonBackup, a: ClientArgs) -> Result<(), Failure> {
             }
         }
     })
+}
+
+/// More pages than any list can have (a daemon answering the same page
+/// forever must not keep the CLI looping).
+const MAX_PAGES: usize = 100_000;
+
+/// The path and query of a list answer's `next` link (Cinder's
+/// `..._links`), to ask the daemon for the next page.
+fn next_page(answer: &Value, links: &str) -> Option<String> {
+    let href = answer[links]
+        .as_array()?
+        .iter()
+        .find(|l| l["rel"] == "next")?["href"]
+        .as_str()?;
+    let url = url::Url::parse(href).ok()?;
+    Some(match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_page_is_the_next_links_path_and_query() {
+        let answer = json!({
+            "backups": [],
+            "backups_links": [
+                {"rel": "self", "href": "http://localhost/v3/t/backups/detail"},
+                {"rel": "next", "href": "http://localhost/v3/t/backups/detail?limit=2&marker=ab-c%20d"}
+            ]
+        });
+        assert_eq!(
+            next_page(&answer, "backups_links").as_deref(),
+            Some("/v3/t/backups/detail?limit=2&marker=ab-c%20d")
+        );
+        assert_eq!(next_page(&json!({"backups": []}), "backups_links"), None);
+        let last = json!({"backups_links": [{"rel": "self", "href": "http://localhost/x"}]});
+        assert_eq!(next_page(&last, "backups_links"), None);
+    }
 }
