@@ -492,6 +492,7 @@ pub fn take(
                 count: 0,
                 data: Vec::with_capacity(STAGE_MAX),
                 prints: Vec::new(),
+                rehash: true,
             },
             mid_scan: !precopy,
         };
@@ -753,7 +754,13 @@ struct Stage {
     first: u64,
     count: u64,
     data: Vec<u8>,
+    /// The fingerprint of each staged block, as [`Pass::consider`] had it.
     prints: Vec<u64>,
+    /// The staged data was copied from the device's mapping after it was
+    /// fingerprinted (it may have changed in between): fingerprint the copy
+    /// again. Blocks read into a buffer of our own were fingerprinted from
+    /// that buffer, the same bytes as the copy.
+    rehash: bool,
 }
 
 const STAGE_MAX: usize = 4 << 20;
@@ -769,14 +776,18 @@ impl Stage {
         if self.count == 0 {
             return Ok(());
         }
-        self.prints.clear();
-        for (i, block) in self.data.chunks(bs).enumerate() {
-            let p = fingerprint(block, seed);
-            prints.set(self.first + i as u64, p);
-            self.prints.push(p);
+        if self.rehash {
+            self.prints.clear();
+            self.prints
+                .extend(self.data.chunks(bs).map(|block| fingerprint(block, seed)));
+        }
+        debug_assert_eq!(self.prints.len() as u64, self.count);
+        for (i, p) in self.prints.iter().enumerate() {
+            prints.set(self.first + i as u64, *p);
         }
         writer.append_data(self.first, &self.data, &self.prints)?;
         self.data.clear();
+        self.prints.clear();
         self.count = 0;
         Ok(())
     }
@@ -863,6 +874,14 @@ impl Pass<'_, '_> {
             .flush(self.writer, self.prints, self.seed, self.bs as usize)
     }
 
+    /// Whether what is staged next comes from the mapping (see
+    /// [`Stage::rehash`]); what is staged already is stored first.
+    fn stage_mode(&mut self, from_map: bool) -> Result<(), TakeError> {
+        self.stage_flush()?;
+        self.stage.rehash = from_map;
+        Ok(())
+    }
+
     /// Block `b` holds `data` (fingerprint `new`): store it if it differs
     /// from what the snapshot holds so far. Returns whether it did.
     fn consider(&mut self, b: u64, data: &[u8], new: u64) -> Result<bool, TakeError> {
@@ -885,6 +904,7 @@ impl Pass<'_, '_> {
             self.stage.first = b;
         }
         self.stage.data.extend_from_slice(data);
+        self.stage.prints.push(new);
         self.stage.count += 1;
         Ok(true)
     }
@@ -893,6 +913,7 @@ impl Pass<'_, '_> {
     /// `changed(b)` hears of each block that differs from the previous
     /// snapshot. Returns the blocks read.
     fn full(&mut self, dev: &Device, mut changed: impl FnMut(u64)) -> Result<u64, TakeError> {
+        self.stage_mode(true)?;
         let (size, bs) = (self.size, self.bs);
         let map = dev.map()?;
         let window = ((self.tuning.window as u64 / bs).max(1) * bs).min(size.div_ceil(bs) * bs);
@@ -950,6 +971,7 @@ impl Pass<'_, '_> {
     /// small reads much faster than one at a time); their results are
     /// processed in block order. Returns the blocks read.
     fn dirty(&mut self, readers: &mut [DirectReader], blocks: &[u64]) -> Result<u64, TakeError> {
+        self.stage_mode(false)?;
         let bs = self.bs;
         let size = self.size;
         let max_run = (readers[0].capacity() as u64 / bs).max(1);
