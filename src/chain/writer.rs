@@ -219,14 +219,6 @@ impl<W: Write> Extents<W> {
         }
         Ok(())
     }
-
-    /// Bytes encoded, counting the open extent.
-    fn encoded_len(&self) -> u64 {
-        self.bytes
-            + self.open.as_ref().map_or(0, |o| {
-                EXTENT_RECORD_LEN + o.prints.len() as u64 * BLOCK_RECORD_LEN
-            })
-    }
 }
 
 /// Sequential writes at a file offset, through a buffer, with a running
@@ -421,13 +413,12 @@ impl<'c> SegmentWriter<'c> {
             .map_err(|e| self.spill_error(e))
     }
 
+    /// The spilled index is part of writing the segment (and on the
+    /// chain's filesystem): its errors are the chain's, a full disk included.
     fn spill_error(&self, source: io::Error) -> ChainError {
         ChainError::Write {
             path: self.chain.path.clone(),
-            source: io::Error::new(
-                source.kind(),
-                format!("cannot write the segment's index to a temporary file beside the chain: {source}"),
-            ),
+            source,
         }
     }
 
@@ -565,25 +556,8 @@ impl<'c> SegmentWriter<'c> {
     }
 
     /// Bytes of data written so far.
-    pub fn data_len(&self) -> u64 {
+    fn data_len(&self) -> u64 {
         self.data_pos - self.start - self.header_len
-    }
-
-    /// The segment's total length if committed now (the blocks defined again
-    /// out of order counted as extents of their own).
-    pub fn projected_len(&self) -> u64 {
-        let index = self.finished.map_or_else(
-            || {
-                encode_index_head(&self.plan.removes, 0).len() as u64
-                    + self.in_order.encoded_len()
-                    + self.overrides.len() as u64 * (EXTENT_RECORD_LEN + BLOCK_RECORD_LEN)
-            },
-            |f| f.len,
-        );
-        crate::util::round_up(
-            self.header_len + self.data_len() + index + FOOTER_LEN,
-            ALIGN,
-        )
     }
 
     /// Write index and footer, make them durable, then write and sync the
