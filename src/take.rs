@@ -1022,16 +1022,16 @@ impl Pass<'_, '_> {
                     let mut out = Vec::new();
                     let res = runs[batches[i].clone()].iter().try_for_each(|&(first, n)| {
                         let len = ((first + n) * bs).min(size) - first * bs;
-                        let path = r.path().to_path_buf();
                         let d = r.read(first * bs, len as usize)?;
-                        if d.len() as u64 != len {
+                        let got = d.len() as u64;
+                        out.extend_from_slice(d);
+                        if got != len {
                             return Err(DeviceError::Read {
-                                path,
-                                offset: first * bs + d.len() as u64,
+                                path: r.path().to_path_buf(),
+                                offset: first * bs + got,
                                 source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
                             });
                         }
-                        out.extend_from_slice(d);
                         Ok(())
                     });
                     if tx.send((i, res.map(|()| out))).is_err() {
