@@ -306,7 +306,13 @@ def main():
     L.append("|---|---|---|---|")
     L.append(f"| tracked (blocksnapd, method `{inc['tracked_method']}`) | {inc['tracked_s']:.2f} s | {human(inc['tracked_stored'])} for {human(inc['tracked_changed'])} changed | - |")
     L.append(f"| full scan (`chain take --no-tracking`) | {inc['full_s']:.2f} s | {human(inc['full_stored'])} | {human(inc['full_rss'])} |")
-    L.append(f"\n- tracked / full-scan time: {ratio:.3f} (target ≤ 0.1): {'met' if ratio <= 0.1 else 'MISSED'}")
+    if inc["size"] >= 64 * GIB:
+        verdict = "met" if ratio <= 0.1 else "MISSED"
+    else:
+        # The target is for 64 GiB; on a small device fixed costs (opening,
+        # the map, two fsyncs) are most of a take and the ratio says little.
+        verdict = f"not judged at {human(inc['size'])}: the target is for 64 GiB"
+    L.append(f"\n- tracked / full-scan time: {ratio:.3f} (target ≤ 0.1): {verdict}")
     L.append(f"- stored by the tracked increment: {human(inc['tracked_stored'])}, limit 1.02 x changed + 64 KiB = {human(limit)}: "
              f"{'met' if inc['tracked_stored'] <= limit else 'MISSED'}")
     big = max(freezes, key=lambda f: f["size"])
