@@ -720,23 +720,34 @@ mod tests {
     use super::*;
     use crate::chain::Origin;
 
-    /// Blocks defined again or out of order (a take's later rounds) win over
-    /// the in-order appends, and every block is defined once.
-    #[test]
-    fn later_definitions_override_earlier_ones() {
+    /// A new chain in a temporary directory.
+    fn new_chain() -> (tempfile::TempDir, Chain) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c");
-        let mut chain = Chain::open_or_create(&path, None).unwrap();
+        let chain = Chain::open_or_create(&dir.path().join("c"), None).unwrap();
+        (dir, chain)
+    }
+
+    /// The plan of a chain's first (full) snapshot of `device_size` bytes.
+    fn full_plan(device_size: u64) -> (Uuid, SegmentPlan) {
         let id = Uuid::new_v4();
         let plan = SegmentPlan {
             kind: SegmentKind::Snapshot,
             snapshot_id: id,
             seq: 1,
-            device_size: 30 * 4096,
+            device_size,
             full: true,
             meta: SegMeta::default(),
             removes: Vec::new(),
         };
+        (id, plan)
+    }
+
+    /// Blocks defined again or out of order (a take's later rounds) win over
+    /// the in-order appends, and every block is defined once.
+    #[test]
+    fn later_definitions_override_earlier_ones() {
+        let (_dir, mut chain) = new_chain();
+        let (id, plan) = full_plan(30 * 4096);
         let block = |v: u8| vec![v; 4096];
         let mut w = SegmentWriter::begin(&mut chain, plan).unwrap();
         let mut data = Vec::new();
@@ -790,20 +801,9 @@ mod tests {
     /// where the index says it is.
     #[test]
     fn gathered_appends_land_where_the_index_says() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c");
-        let mut chain = Chain::open_or_create(&path, None).unwrap();
-        let id = Uuid::new_v4();
+        let (_dir, mut chain) = new_chain();
         let blocks = 1200u64;
-        let plan = SegmentPlan {
-            kind: SegmentKind::Snapshot,
-            snapshot_id: id,
-            seq: 1,
-            device_size: blocks * 4096,
-            full: true,
-            meta: SegMeta::default(),
-            removes: Vec::new(),
-        };
+        let (id, plan) = full_plan(blocks * 4096);
         // Each block holds its number, so a block written at the wrong
         // offset cannot read back right.
         let block = |b: u64| {
@@ -1014,19 +1014,8 @@ mod tests {
     /// overrides, which beat the newer in-order append.)
     #[test]
     fn a_newer_read_past_the_first_pass_wins() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c");
-        let mut chain = Chain::open_or_create(&path, None).unwrap();
-        let id = Uuid::new_v4();
-        let plan = SegmentPlan {
-            kind: SegmentKind::Snapshot,
-            snapshot_id: id,
-            seq: 1,
-            device_size: 8 * 4096,
-            full: true,
-            meta: SegMeta::default(),
-            removes: Vec::new(),
-        };
+        let (dir, mut chain) = new_chain();
+        let (id, plan) = full_plan(8 * 4096);
         let block = |v: u8| vec![v; 4096];
         let mut w = SegmentWriter::begin(&mut chain, plan).unwrap();
         // First pass: blocks 0..4 (4..8 come later).
