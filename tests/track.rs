@@ -80,6 +80,39 @@ fn a_full_ring_is_a_gap() {
     assert!(err.contains("dropped"), "{err}");
 }
 
+/// Trackers started at the same moment in one process (the daemon starts
+/// one, but tests and `chain take` in threads start several) all get the
+/// tracepoints, also where tracefs is not mounted and each start mounts it
+/// for a moment: one start's unmount must not pull another's mount away.
+#[test]
+fn trackers_started_together_all_track() {
+    if !root("trackers_started_together_all_track") {
+        return;
+    }
+    let lo = Loop::new(16 << 20);
+    let dev = lo.dev.clone();
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                let reg = Registry::start(
+                    &[target(&dev)],
+                    &Options {
+                        ring_pages: 1,
+                        drain_every: None,
+                        ..Default::default()
+                    },
+                );
+                reg.unavailable().map(str::to_string)
+            })
+        })
+        .collect();
+    for h in handles {
+        let why = h.join().unwrap();
+        assert!(why.is_none(), "a tracker started beside others: {why:?}");
+    }
+}
+
 // ---------------------------------------------------------------- takes
 
 use std::path::{Path, PathBuf};
@@ -393,7 +426,13 @@ fn lost_records_mean_a_full_diff() {
     // Few writes: tracked, and right.
     write_at(&lo.dev, 4096 * 3, &random_bytes(9, 4096));
     let t = take(sys.clone(), &lo.dev, &chain, &tracked).unwrap();
-    assert_eq!(t.record.method, TakeMethod::Tracked, "{}", t.quiesce);
+    assert_eq!(
+        t.record.method,
+        TakeMethod::Tracked,
+        "{} ({:?})",
+        t.quiesce,
+        registry.unavailable()
+    );
     assert_eq!(t.record.tracked_blocks, 1);
     // Thousands of writes overflow the ring before anyone drains it.
     let f = std::fs::OpenOptions::new()

@@ -115,7 +115,18 @@ fn layouts() -> Result<Vec<Layout>, PerfError> {
     let texts = match texts {
         Some(t) => t,
         None => {
-            let dir = PathBuf::from(format!("/run/blocksnap-tracefs.{}", std::process::id()));
+            // Trackers started together in one process would otherwise share
+            // the mount point, and one's unmount would take another's mount
+            // away mid-read (EBUSY, "no tracefs"): one at a time, each with
+            // its own directory.
+            static MOUNTING: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+            let mut n = MOUNTING.lock().unwrap_or_else(|p| p.into_inner());
+            *n += 1;
+            let dir = PathBuf::from(format!(
+                "/run/blocksnap-tracefs.{}.{}",
+                std::process::id(),
+                *n
+            ));
             let _ = std::fs::create_dir(&dir);
             let mounted = nix::mount::mount(
                 Some("nodev"),
