@@ -106,7 +106,7 @@ fn write_differing(
     }
     let bs = plan.block_size as u64;
     let seed = chain.seed();
-    let want = plan.fingerprints(seed);
+    let want = plan.fingerprints(chain)?;
     src.invalidate_cache()?;
     let map = src.map()?;
     if let Some(p) = progress {

@@ -456,16 +456,16 @@ pub fn take(
         let mut prints = match &old_map {
             OldMap::File => PrintFile::create(&side, Some(&side), nblocks),
             OldMap::Rebuild(p) => {
-                let mut f = PrintFile::create(&side, None, nblocks)?;
+                let mut f = PrintFile::create(&side, None, nblocks).map_err(TakeError::Map)?;
                 let f_ref = &mut f;
-                p.visit_fingerprints(seed, |b, v| {
+                p.visit_fingerprints(writer.chain(), |b, v| {
                     if b < nblocks {
                         f_ref.set(b, v);
                         if b % 65536 == 65535 {
                             f_ref.release(b - 65535, b + 1);
                         }
                     }
-                });
+                })?;
                 f.release(0, nblocks);
                 Ok(f)
             }

@@ -28,7 +28,8 @@ use super::list::BackupInfo;
 use super::manifest::{object_key, Extent, Loc, Manifest, ObjectRef, Overlay};
 use super::store::{md5_etag, PutMode};
 use super::{cancelled, check_volume, lock, state, BackupError, Progress, Remote};
-use crate::chain::{Chain, ChainError, Origin, Plan};
+use crate::chain::format::BLOCK_RECORD_LEN;
+use crate::chain::{Chain, ChainError, Origin, Plan, Records};
 use crate::fingerprint::FingerprintMap;
 use crate::sys;
 
@@ -110,7 +111,7 @@ pub fn create(
     let bs = plan.block_size;
     let size = plan.device_size();
     let n = size.div_ceil(bs as u64);
-    let new_prints = plan.fingerprints(chain.seed());
+    let new_prints = plan.fingerprints(chain)?;
 
     let mut parent = None;
     if opts.incremental {
@@ -549,11 +550,7 @@ fn scan(
                     }
                 }
             }
-            Origin::Data {
-                offset,
-                segment,
-                meta,
-            } => {
+            Origin::Data { offset, records } => {
                 // Sub-runs to read: with the local state only the changed
                 // blocks, otherwise all of them.
                 let mut subs: Vec<(u64, u64)> = Vec::new();
@@ -585,8 +582,7 @@ fn scan(
                         r.block + start,
                         count,
                         offset + start * bs,
-                        segment,
-                        meta + start as u32,
+                        records + start * BLOCK_RECORD_LEN,
                         &mut |blk, data| {
                             progress
                                 .done
@@ -625,17 +621,18 @@ fn read_run(
     first: u64,
     count: u64,
     chain_offset: u64,
-    segment: usize,
-    meta: u32,
+    records_at: u64,
     f: BlockFn<'_>,
 ) -> Result<(), BackupError> {
     let bs = plan.block_size as u64;
     let fd = chain.file().as_fd();
     let per = (READ_BATCH / bs).max(1);
     let mut buf = Vec::new();
+    let mut records = Records::default();
     let mut done = 0;
     while done < count {
         let k = (count - done).min(per);
+        records.read(chain, records_at + done * BLOCK_RECORD_LEN, k)?;
         let b0 = first + done;
         let len = (b0 + k) * bs;
         let len = len.min(plan.device_size()) - b0 * bs;
@@ -660,8 +657,7 @@ fn read_run(
             let blk = b0 + i;
             let bl = plan.block_len(blk) as usize;
             let data = &buf[at..at + bl];
-            let (crc, _) = plan.block_check(segment, meta + (done + i) as u32);
-            if crc32fast::hash(data) != crc {
+            if crc32fast::hash(data) != records.crc(i as usize) {
                 return Err(BackupError::ChainCorrupt {
                     path: chain.path().to_path_buf(),
                     id: plan.snapshot.id,

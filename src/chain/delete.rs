@@ -15,9 +15,9 @@ use std::os::fd::AsFd;
 
 use uuid::Uuid;
 
-use super::format::{Location, SegMeta, SegmentKind};
+use super::format::{Location, SegMeta, SegmentKind, BLOCK_RECORD_LEN};
 use super::writer::{SegmentPlan, SegmentWriter};
-use super::{Bitmap, Chain, ChainError};
+use super::{Bitmap, Chain, ChainError, Records};
 use crate::sys;
 
 /// What a delete did.
@@ -61,8 +61,12 @@ pub fn delete(chain: &mut Chain, id: Uuid) -> Result<DeleteOutcome, ChainError> 
         }
         Some(succ) => {
             let bs = chain.block_size() as u64;
-            let k_idx = chain.index(victim.segment)?;
-            let s_idx = chain.index(succ.segment)?;
+            // Extents only: the block records are read piece by piece as
+            // they are copied into the merge segment's index.
+            let k_idx = chain.extents(victim.segment)?;
+            let s_idx = chain.extents(succ.segment)?;
+            let k_start = chain.segments()[victim.segment].info.index_start();
+            let s_start = chain.segments()[succ.segment].info.index_start();
             let nblocks = succ.device_size.div_ceil(bs);
             // Blocks the successor stores itself.
             let mut covered = Bitmap::new(nblocks);
@@ -72,11 +76,11 @@ pub fn delete(chain: &mut Chain, id: Uuid) -> Result<DeleteOutcome, ChainError> 
             // Pieces of the victim's extents the successor did not change.
             enum Piece {
                 Zero(u64, u64),
-                Data(u64, u64, u64, usize),
+                Data(u64, u64, u64, u64),
                 Own(usize),
             }
             let mut pieces: Vec<(u64, Piece)> = Vec::new();
-            for x in &k_idx.extents {
+            for (k, x) in k_idx.extents.iter().enumerate() {
                 let end = x.end_block().min(nblocks);
                 let mut b = x.block;
                 while b < end {
@@ -94,7 +98,7 @@ pub fn delete(chain: &mut Chain, id: Uuid) -> Result<DeleteOutcome, ChainError> 
                                 start,
                                 stop - start,
                                 off + d * bs,
-                                x.meta as usize + d as usize,
+                                k_start + k_idx.record_at(k, d),
                             ),
                         },
                     ));
@@ -124,29 +128,22 @@ pub fn delete(chain: &mut Chain, id: Uuid) -> Result<DeleteOutcome, ChainError> 
                 .unwrap_or_default();
             stats.parent_id = parent;
             let mut w = SegmentWriter::begin(chain, plan)?;
+            let mut copy = RecordCopy::default();
             for (_, p) in pieces {
                 match p {
                     Piece::Zero(b, n) => w.append_zero(b, n)?,
-                    Piece::Data(b, n, off, m) => w.append_reference(
-                        b,
-                        off,
-                        &k_idx.prints[m..m + n as usize],
-                        &k_idx.crcs[m..m + n as usize],
-                    )?,
+                    Piece::Data(b, n, off, at) => copy.reference(&mut w, b, n, off, at)?,
                     Piece::Own(i) => {
                         let x = s_idx.extents[i];
                         match x.location {
                             Location::Zero => w.append_zero(x.block, x.count as u64)?,
-                            Location::Data(off) => {
-                                let m = x.meta as usize;
-                                let n = x.count as usize;
-                                w.append_reference(
-                                    x.block,
-                                    off,
-                                    &s_idx.prints[m..m + n],
-                                    &s_idx.crcs[m..m + n],
-                                )?
-                            }
+                            Location::Data(off) => copy.reference(
+                                &mut w,
+                                x.block,
+                                x.count as u64,
+                                off,
+                                s_start + s_idx.record_at(i, 0),
+                            )?,
                         }
                     }
                 }
@@ -159,6 +156,48 @@ pub fn delete(chain: &mut Chain, id: Uuid) -> Result<DeleteOutcome, ChainError> 
     Ok(out)
 }
 
+/// Copies stored blocks' records from the indexes they are in into the
+/// index of the merge segment being written, a bounded number at a time.
+#[derive(Default)]
+struct RecordCopy {
+    records: Records,
+    prints: Vec<u64>,
+    crcs: Vec<u32>,
+}
+
+impl RecordCopy {
+    /// Define blocks `block..block + count`, stored at `offset`, whose
+    /// records are at chain offset `records_at`.
+    fn reference(
+        &mut self,
+        w: &mut SegmentWriter<'_>,
+        block: u64,
+        count: u64,
+        offset: u64,
+        records_at: u64,
+    ) -> Result<(), ChainError> {
+        let bs = w.chain().block_size() as u64;
+        let mut done = 0;
+        while done < count {
+            let k = (count - done).min(COPY_RECORDS);
+            self.records
+                .read(w.chain(), records_at + done * BLOCK_RECORD_LEN, k)?;
+            self.prints.clear();
+            self.crcs.clear();
+            for i in 0..k as usize {
+                self.prints.push(self.records.print(i));
+                self.crcs.push(self.records.crc(i));
+            }
+            w.append_reference(block + done, offset + done * bs, &self.prints, &self.crcs)?;
+            done += k;
+        }
+        Ok(())
+    }
+}
+
+/// Records copied at a time (768 KiB of them).
+const COPY_RECORDS: u64 = 65536;
+
 /// Punch out of the file the stored bytes that no live snapshot references.
 /// Headers, indexes and footers of dead segments stay, so the file remains
 /// walkable. Returns the bytes punched.
@@ -168,7 +207,7 @@ pub fn reclaim(chain: &Chain) -> Result<u64, ChainError> {
     let mut live_segments = std::collections::HashSet::new();
     for snap in chain.snapshots() {
         live_segments.insert(snap.segment);
-        let idx = chain.index(snap.segment)?;
+        let idx = chain.extents(snap.segment)?;
         for x in &idx.extents {
             if let Location::Data(off) = x.location {
                 let len = (x.end_block() * bs).min(snap.device_size) - x.block * bs;

@@ -6,6 +6,7 @@
 //! more than the input justifies.
 
 use std::collections::BTreeMap;
+use std::io;
 
 use uuid::Uuid;
 
@@ -904,6 +905,149 @@ impl Index {
     }
 }
 
+/// A segment's index without its block records: the snapshots it removes
+/// and its extents, with where each data extent's fingerprints and crc32s
+/// are in the file. What restores, deletes and reclaims need held in
+/// memory; the block records (12 bytes a stored block) are read as needed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IndexExtents {
+    pub removes: Vec<Uuid>,
+    /// As [`Index::extents`]: `meta` counts the data blocks before each.
+    pub extents: Vec<Extent>,
+    /// Bytes of the index before its first extent record.
+    pub head_len: u64,
+}
+
+impl IndexExtents {
+    /// Where, counted from the index's start, the block record of block
+    /// `delta` of `extents[k]` is.
+    pub fn record_at(&self, k: usize, delta: u64) -> u64 {
+        self.head_len
+            + (k as u64 + 1) * EXTENT_RECORD_LEN
+            + (self.extents[k].meta as u64 + delta) * BLOCK_RECORD_LEN
+    }
+}
+
+/// Decode an index of `len` bytes read from `r` as [`Index::decode`] does,
+/// with the same checks, but keeping only its extents: the block records
+/// are read through and not kept, so memory goes with the number of
+/// extents, not of stored blocks. Returns the extents (`None` if the index
+/// is malformed) and the crc32 of all `len` bytes.
+pub fn scan_index(r: &mut impl io::Read, len: u64) -> io::Result<(Option<IndexExtents>, u32)> {
+    struct Src<'a, R> {
+        r: &'a mut R,
+        left: u64,
+        crc: crc32fast::Hasher,
+    }
+    impl<R: io::Read> Src<'_, R> {
+        /// Exactly `buf.len()` more bytes, or `false` if the index ends first.
+        fn fill(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+            if (buf.len() as u64) > self.left {
+                return Ok(false);
+            }
+            self.r.read_exact(buf)?;
+            self.crc.update(buf);
+            self.left -= buf.len() as u64;
+            Ok(true)
+        }
+        fn skip(&mut self, mut n: u64) -> io::Result<bool> {
+            if n > self.left {
+                return Ok(false);
+            }
+            let mut scratch = [0u8; 8192];
+            while n > 0 {
+                let k = n.min(scratch.len() as u64) as usize;
+                self.fill(&mut scratch[..k])?;
+                n -= k as u64;
+            }
+            Ok(true)
+        }
+    }
+    let mut src = Src {
+        r,
+        left: len,
+        crc: crc32fast::Hasher::new(),
+    };
+    let scan = |src: &mut Src<'_, _>| -> io::Result<Option<IndexExtents>> {
+        let mut b4 = [0u8; 4];
+        if !src.fill(&mut b4)? {
+            return Ok(None);
+        }
+        let nr = u32::from_le_bytes(b4) as u64;
+        if nr > len / 16 {
+            return Ok(None);
+        }
+        let mut removes = Vec::with_capacity(nr as usize);
+        for _ in 0..nr {
+            let mut u = [0u8; 16];
+            if !src.fill(&mut u)? {
+                return Ok(None);
+            }
+            removes.push(Uuid::from_bytes(u));
+        }
+        let mut b8 = [0u8; 8];
+        if !src.fill(&mut b8)? {
+            return Ok(None);
+        }
+        let ne = u64::from_le_bytes(b8);
+        if ne > len / EXTENT_RECORD_LEN {
+            return Ok(None);
+        }
+        let head_len = 4 + 16 * nr + 8;
+        let mut extents = Vec::with_capacity(ne as usize);
+        let mut blocks = 0u64;
+        let mut next_free = 0u64;
+        for _ in 0..ne {
+            let mut head = [0u8; EXTENT_RECORD_LEN as usize];
+            if !src.fill(&mut head)? {
+                return Ok(None);
+            }
+            let Some((block, count, location)) = decode_extent_head(&head) else {
+                return Ok(None);
+            };
+            if count == 0 || block < next_free {
+                return Ok(None);
+            }
+            let Some(end) = block.checked_add(count as u64) else {
+                return Ok(None);
+            };
+            next_free = end;
+            let meta = match location {
+                Location::Zero => 0,
+                Location::Data(_) => {
+                    let Ok(meta) = u32::try_from(blocks) else {
+                        return Ok(None);
+                    };
+                    if !src.skip(count as u64 * BLOCK_RECORD_LEN)? {
+                        return Ok(None);
+                    }
+                    blocks += count as u64;
+                    meta
+                }
+            };
+            extents.push(Extent {
+                block,
+                count,
+                location,
+                meta,
+            });
+        }
+        if src.left != 0 {
+            return Ok(None);
+        }
+        Ok(Some(IndexExtents {
+            removes,
+            extents,
+            head_len,
+        }))
+    };
+    let found = scan(&mut src)?;
+    // Whatever is left still counts towards the crc the caller checks.
+    let rest = src.left;
+    src.skip(rest)?;
+    Ok((found, src.crc.finalize()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1060,19 +1204,68 @@ mod tests {
         let b = idx.encode();
         assert_eq!(b.len() as u64, idx.encoded_len());
         assert_eq!(Index::decode(&b).unwrap(), idx);
+        scans_as_decoded(&b);
+        let light = scan(&b).unwrap();
+        // The block records are where the light index says.
+        assert_eq!(light.record_at(0, 1), 4 + 16 + 8 + 24 + 12);
+        assert_eq!(
+            &b[light.record_at(2, 0) as usize..][..8],
+            &3u64.to_le_bytes()
+        );
         // Truncations never decode.
         for n in 0..b.len() {
             assert!(Index::decode(&b[..n]).is_none());
+            scans_as_decoded(&b[..n]);
         }
         // Overlapping extents are refused.
         let mut overlap = idx.clone();
         overlap.extents[1].block = 1;
         assert!(Index::decode(&overlap.encode()).is_none());
+        scans_as_decoded(&overlap.encode());
         // A huge extent count with no bytes behind it does not allocate.
         let mut huge = Vec::new();
         huge.extend_from_slice(&0u32.to_le_bytes());
         huge.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(Index::decode(&huge).is_none());
+        scans_as_decoded(&huge);
+        // Every single-byte change scans as it decodes.
+        for i in 0..b.len() {
+            for v in [0u8, 1, 0x80, 0xff] {
+                let mut m = b.clone();
+                m[i] = v;
+                scans_as_decoded(&m);
+            }
+        }
+    }
+
+    fn scan(b: &[u8]) -> Option<IndexExtents> {
+        let (found, crc) = scan_index(&mut &b[..], b.len() as u64).unwrap();
+        assert_eq!(crc, crc32fast::hash(b));
+        found
+    }
+
+    /// [`scan_index`] accepts exactly what [`Index::decode`] accepts, with
+    /// the same removes and extents, and hashes every byte.
+    fn scans_as_decoded(b: &[u8]) {
+        match (Index::decode(b), scan(b)) {
+            (None, None) => {}
+            (Some(full), Some(light)) => {
+                assert_eq!(full.removes, light.removes);
+                assert_eq!(full.extents, light.extents);
+                // The records it points at hold the decoded prints and crcs.
+                for (k, x) in light.extents.iter().enumerate() {
+                    if let Location::Data(_) = x.location {
+                        for d in 0..x.count as u64 {
+                            let at = light.record_at(k, d) as usize;
+                            let m = x.meta as usize + d as usize;
+                            assert_eq!(b[at..at + 8], full.prints[m].to_le_bytes());
+                            assert_eq!(b[at + 8..at + 12], full.crcs[m].to_le_bytes());
+                        }
+                    }
+                }
+            }
+            (full, light) => panic!("decode {full:?} but scan {light:?}"),
+        }
     }
 
     /// Commit records written before the take record existed (the fuzz

@@ -24,7 +24,7 @@ use uuid::Uuid;
 use format::*;
 
 pub(crate) use resolve::Bitmap;
-pub use resolve::{Origin, Plan, Run};
+pub use resolve::{Origin, Plan, Records, Run};
 
 /// Errors of the chain layer.
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +99,7 @@ pub struct Segment {
     /// From the meta area; `None` when it (or the commit record) is damaged.
     pub meta: Option<SegMeta>,
     pub footer_ok: bool,
-    index: OnceLock<Result<Arc<Index>, String>>,
+    extents: OnceLock<Result<Arc<IndexExtents>, String>>,
 }
 
 impl Segment {

@@ -286,7 +286,7 @@ impl Chain {
                     stats: Some(stats),
                     meta,
                     footer_ok,
-                    index: OnceLock::new(),
+                    extents: OnceLock::new(),
                 })))
             }
         }
@@ -393,7 +393,7 @@ impl Chain {
                     stats: None,
                     meta: None,
                     footer_ok: true,
-                    index: OnceLock::new(),
+                    extents: OnceLock::new(),
                 },
             };
             found.push(seg);
@@ -408,11 +408,39 @@ impl Chain {
         Ok(found)
     }
 
-    /// The index of segment `i`, read and checked on first use.
-    pub fn index(&self, i: usize) -> Result<Arc<Index>, ChainError> {
+    /// The extents of segment `i` (its index without the block records),
+    /// read and checked on first use and kept while the chain is open.
+    pub fn extents(&self, i: usize) -> Result<Arc<IndexExtents>, ChainError> {
         let seg = &self.segments[i];
-        let r = seg.index.get_or_init(|| {
+        let r = seg.extents.get_or_init(|| {
             let info = &seg.info;
+            let mut r = io::BufReader::with_capacity(
+                1 << 20,
+                ReadAt {
+                    file: &self.file,
+                    at: info.index_start(),
+                },
+            );
+            let (found, crc) = scan_index(&mut r, info.index_len).map_err(index_read_error)?;
+            if crc != info.index_crc {
+                return Err(format!(
+                    "index at offset {} fails its checksum",
+                    info.index_start()
+                ));
+            }
+            let x = found
+                .ok_or_else(|| format!("index at offset {} is malformed", info.index_start()))?;
+            self.check_index(info, &x.extents)?;
+            Ok(Arc::new(x))
+        });
+        r.clone().map_err(|detail| self.index_damaged(i, detail))
+    }
+
+    /// The whole index of segment `i`, block records included (12 bytes a
+    /// stored block in memory), read and checked now; not kept.
+    pub fn index(&self, i: usize) -> Result<Index, ChainError> {
+        let info = &self.segments[i].info;
+        let read = || -> Result<Index, String> {
             let mut b = vec![0u8; info.index_len as usize];
             match sys::pread_full(self.file.as_fd(), &mut b, info.index_start()) {
                 Ok(n) if n == b.len() => {}
@@ -427,22 +455,26 @@ impl Chain {
             }
             let idx = Index::decode(&b)
                 .ok_or_else(|| format!("index at offset {} is malformed", info.index_start()))?;
-            self.check_index(info, &idx)?;
-            Ok(Arc::new(idx))
-        });
-        r.clone().map_err(|detail| ChainError::SnapshotDamaged {
+            self.check_index(info, &idx.extents)?;
+            Ok(idx)
+        };
+        read().map_err(|detail| self.index_damaged(i, detail))
+    }
+
+    fn index_damaged(&self, i: usize, detail: String) -> ChainError {
+        ChainError::SnapshotDamaged {
             path: self.path.clone(),
-            id: seg.info.snapshot_id,
+            id: self.segments[i].info.snapshot_id,
             detail,
-        })
+        }
     }
 
     /// Extents must lie inside the device and their data inside the file,
     /// in a data area of this or an earlier segment.
-    fn check_index(&self, info: &SegInfo, idx: &Index) -> Result<(), String> {
+    fn check_index(&self, info: &SegInfo, extents: &[Extent]) -> Result<(), String> {
         let bs = info.block_size as u64;
         let blocks = info.device_size.div_ceil(bs);
-        for x in &idx.extents {
+        for x in extents {
             if x.end_block() > blocks {
                 return Err(format!(
                     "extent at block {} runs past the end of the device",
@@ -474,7 +506,7 @@ impl Chain {
         for i in 0..self.segments.len() {
             let info = self.segments[i].info;
             if matches!(info.kind, SegmentKind::Merge | SegmentKind::Tombstone) {
-                match self.index(i) {
+                match self.extents(i) {
                     Ok(idx) => {
                         for r in &idx.removes {
                             live.remove(r);
@@ -530,7 +562,7 @@ impl Chain {
         // restore, verify or rebuild needs them.
         let referenced = match seg.info.kind {
             SegmentKind::Merge => self
-                .index(i)
+                .extents(i)
                 .map(|idx| {
                     idx.extents
                         .iter()
@@ -608,5 +640,27 @@ fn lock(file: &File, path: &Path) -> Result<nix::fcntl::Flock<File>, ChainError>
             path: path.to_path_buf(),
             source: io::Error::from_raw_os_error(e as i32),
         }),
+    }
+}
+
+/// Reads the chain file from `at` on, for a buffered reader.
+struct ReadAt<'a> {
+    file: &'a File,
+    at: u64,
+}
+
+impl io::Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+fn index_read_error(e: io::Error) -> String {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        "index is cut short".to_string()
+    } else {
+        format!("cannot read index: {e}")
     }
 }

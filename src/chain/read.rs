@@ -8,6 +8,8 @@ use std::os::fd::AsFd;
 
 use uuid::Uuid;
 
+use super::format::BLOCK_RECORD_LEN;
+use super::resolve::Records;
 use super::{Chain, ChainError, Origin, Plan, Run};
 use crate::fingerprint::fingerprint;
 use crate::sys;
@@ -34,10 +36,8 @@ pub struct Stored {
     pub count: u64,
     /// Where the first block is stored.
     pub chain_offset: u64,
-    /// The segment whose index holds the blocks' crc32s, and the first
-    /// block's position in it.
-    pub segment: usize,
-    pub meta: u32,
+    /// Where the first block's record (fingerprint, crc32) is.
+    pub records: u64,
 }
 
 /// Read exactly `buf.len()` bytes of the chain file at `offset`; a file that
@@ -59,19 +59,20 @@ pub fn read_exact_at(chain: &Chain, buf: &mut [u8], offset: u64) -> Result<(), C
 }
 
 /// The blocks of `data` (block size `bs`, the last one possibly short)
-/// whose crc32 is not the one recorded, or, with `prints` (fingerprints
-/// and the chain's seed), whose fingerprint is not either.
+/// whose crc32 is not the one `records` holds for it (from record `first`
+/// on), or, with the chain's seed, whose fingerprint is not either.
 pub fn failing_blocks(
     data: &[u8],
     bs: usize,
-    crcs: &[u32],
-    prints: Option<(&[u64], u64)>,
+    records: &Records,
+    first: usize,
+    seed: Option<u64>,
 ) -> Vec<usize> {
     data.chunks(bs)
         .enumerate()
         .filter(|(i, block)| {
-            crc32fast::hash(block) != crcs[*i]
-                || prints.is_some_and(|(p, seed)| fingerprint(block, seed) != p[*i])
+            crc32fast::hash(block) != records.crc(first + *i)
+                || seed.is_some_and(|seed| fingerprint(block, seed) != records.print(first + *i))
         })
         .map(|(i, _)| i)
         .collect()
@@ -101,12 +102,7 @@ impl<'a> BlockReader<'a> {
         let bs = self.plan.block_size as u64;
         let mut out = Vec::new();
         for r in &self.plan.runs {
-            let Origin::Data {
-                offset,
-                segment,
-                meta,
-            } = r.source
-            else {
+            let Origin::Data { offset, records } = r.source else {
                 continue;
             };
             let mut done = 0;
@@ -116,8 +112,7 @@ impl<'a> BlockReader<'a> {
                     block: r.block + done,
                     count,
                     chain_offset: offset + done * bs,
-                    segment,
-                    meta: meta + done as u32,
+                    records: records + done * BLOCK_RECORD_LEN,
                 });
                 done += count;
             }
@@ -128,12 +123,7 @@ impl<'a> BlockReader<'a> {
     /// Where image block `block` of data run `run` is stored (one block);
     /// `None` for a zero run or a block outside the run.
     pub fn block(&self, run: &Run, block: u64) -> Option<Stored> {
-        let Origin::Data {
-            offset,
-            segment,
-            meta,
-        } = run.source
-        else {
+        let Origin::Data { offset, records } = run.source else {
             return None;
         };
         if block < run.block || block >= run.block + run.count {
@@ -144,8 +134,7 @@ impl<'a> BlockReader<'a> {
             block,
             count: 1,
             chain_offset: offset + k * self.plan.block_size as u64,
-            segment,
-            meta: meta + k as u32,
+            records: records + k * BLOCK_RECORD_LEN,
         })
     }
 
@@ -172,37 +161,127 @@ impl<'a> BlockReader<'a> {
         self.check(&buf[start..], pieces)
     }
 
-    /// Check `data`, the bytes of `pieces` one after the other.
+    /// Check `data`, the bytes of `pieces` one after the other, against
+    /// the crc32s their segments' indexes hold. Records that lie close
+    /// together in the file (a run's, or neighbouring small extents') are
+    /// read with one pread.
     fn check(&self, data: &[u8], pieces: &[Stored]) -> Result<(), ReadError> {
         let bs = self.plan.block_size as u64;
+        let mut records = Records::default();
         let mut at = 0usize;
-        for p in pieces {
-            let len = self.len(p) as usize;
-            for k in 0..p.count {
-                let b = p.block + k;
-                let blen = self.plan.block_len(b) as usize;
-                let from = at + (k * bs) as usize;
-                let (crc, _) = self.plan.block_check(p.segment, p.meta + k as u32);
-                if crc32fast::hash(&data[from..from + blen]) != crc {
-                    return Err(ReadError::Corrupt {
-                        snapshot: self.plan.snapshot.id,
-                        block: b,
-                        offset: b * bs,
-                        chain_offset: p.chain_offset + k * bs,
-                    });
+        let mut i = 0;
+        while i < pieces.len() {
+            let from = pieces[i].records;
+            let mut end = from + pieces[i].count * BLOCK_RECORD_LEN;
+            let mut j = i + 1;
+            while j < pieces.len() {
+                let (r, n) = (pieces[j].records, pieces[j].count * BLOCK_RECORD_LEN);
+                if r < end || r - end > RECORD_GAP || r + n - from > RECORD_SPAN {
+                    break;
                 }
+                end = r + n;
+                j += 1;
             }
-            at += len;
+            records.read_span(self.chain, from, end - from)?;
+            for p in &pieces[i..j] {
+                for k in 0..p.count {
+                    let b = p.block + k;
+                    let blen = self.plan.block_len(b) as usize;
+                    let o = at + (k * bs) as usize;
+                    let crc = records.crc_at((p.records - from + k * BLOCK_RECORD_LEN) as usize);
+                    if crc32fast::hash(&data[o..o + blen]) != crc {
+                        return Err(ReadError::Corrupt {
+                            snapshot: self.plan.snapshot.id,
+                            block: b,
+                            offset: b * bs,
+                            chain_offset: p.chain_offset + k * bs,
+                        });
+                    }
+                }
+                at += self.len(p) as usize;
+            }
+            i = j;
         }
         Ok(())
     }
 }
+
+/// Records of pieces at most this far apart are read together...
+const RECORD_GAP: u64 = 4096;
+/// ...in spans of at most this many bytes.
+const RECORD_SPAN: u64 = 1 << 20;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::chain::Access;
     use crate::take::{take, TakeOptions};
+
+    /// Scattered blocks of an increment, each its own extent with its
+    /// records between other extents' heads, and a run from the full
+    /// snapshot before it: read in one call (their records in spans), every
+    /// block is checked against its own record, and a bad one is named.
+    #[test]
+    fn scattered_blocks_are_checked_against_their_own_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        let mut data: Vec<u8> = (0..(1u64 << 20) / 8)
+            .flat_map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).to_le_bytes())
+            .collect();
+        std::fs::write(&img, &data).unwrap();
+        let chain_path = dir.path().join("c");
+        let sys = std::sync::Arc::new(crate::quiesce::Host);
+        take(sys.clone(), &img, &chain_path, &TakeOptions::default()).unwrap();
+        for b in [3usize, 5, 9, 10, 200, 255] {
+            data[b * 4096..(b + 1) * 4096].fill(b as u8 ^ 0x5a);
+        }
+        std::fs::write(&img, &data).unwrap();
+        let id = take(sys, &img, &chain_path, &TakeOptions::default())
+            .unwrap()
+            .snapshot
+            .id;
+        let chain = Chain::open(&chain_path, Access::Read).unwrap();
+        let plan = chain.resolve(id).unwrap();
+        let r = BlockReader::new(&chain, &plan);
+        let pieces = r.pieces(1 << 20);
+        assert!(pieces.len() >= 7, "{pieces:?}");
+        let mut buf = Vec::new();
+        r.read(&mut buf, &pieces).unwrap();
+        let differ: Vec<usize> = (0..256)
+            .filter(|b| buf[b * 4096..(b + 1) * 4096] != data[b * 4096..(b + 1) * 4096])
+            .collect();
+        assert!(differ.is_empty(), "{differ:?} {pieces:?}");
+        let mut prints = Vec::new();
+        plan.visit_fingerprints(&chain, |b, p| prints.push((b, p)))
+            .unwrap();
+        for (b, p) in prints {
+            let blk = &data[b as usize * 4096..(b as usize + 1) * 4096];
+            assert_eq!(p, fingerprint(blk, chain.seed()), "block {b}");
+        }
+        // Block 10 (the second of the extent of blocks 9 and 10) is damaged.
+        let run = plan
+            .runs
+            .iter()
+            .find(|x| x.block <= 10 && 10 < x.block + x.count)
+            .unwrap();
+        let at = r.block(run, 10).unwrap().chain_offset;
+        drop(chain);
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&chain_path)
+                .unwrap();
+            f.write_all_at(b"X", at + 100).unwrap();
+        }
+        let chain = Chain::open(&chain_path, Access::Read).unwrap();
+        let plan = chain.resolve(id).unwrap();
+        let r = BlockReader::new(&chain, &plan);
+        match r.read(&mut Vec::new(), &r.pieces(1 << 20)) {
+            Err(ReadError::Corrupt { block, .. }) => assert_eq!(block, 10),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn every_block_is_checked_and_a_bad_one_is_named() {
@@ -250,7 +329,17 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let bad = failing_blocks(&data[37 * 4096..38 * 4096], 4096, &[0], None);
+        let mut records = Records::default();
+        records.read(&chain, p.records, 1).unwrap();
+        let good = failing_blocks(
+            &data[37 * 4096..38 * 4096],
+            4096,
+            &records,
+            0,
+            Some(chain.seed()),
+        );
+        assert!(good.is_empty());
+        let bad = failing_blocks(&data[36 * 4096..37 * 4096], 4096, &records, 0, None);
         assert_eq!(bad, [0]);
     }
 }

@@ -1,8 +1,5 @@
 //! Resolving a snapshot into the runs of blocks that make up its image.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use uuid::Uuid;
 
 use super::format::*;
@@ -13,12 +10,13 @@ use crate::fingerprint::ZeroPrints;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
     Zero,
-    /// Stored bytes at `offset` in the chain file; `segment` and `meta` locate
-    /// the per-block crc32s and fingerprints in that segment's index.
+    /// Stored bytes at `offset` in the chain file, blocks back to back;
+    /// `records` is where the first block's fingerprint and crc32 are in
+    /// its segment's index (the others follow, [`BLOCK_RECORD_LEN`] bytes
+    /// each). They are read as blocks are, so a plan holds no per-block data.
     Data {
         offset: u64,
-        segment: usize,
-        meta: u32,
+        records: u64,
     },
 }
 
@@ -37,7 +35,6 @@ pub struct Plan {
     pub snapshot: Snapshot,
     pub block_size: u32,
     pub runs: Vec<Run>,
-    indexes: HashMap<usize, Arc<Index>>,
 }
 
 impl Plan {
@@ -51,37 +48,89 @@ impl Plan {
         (self.device_size() - block * bs).min(bs)
     }
 
-    /// crc32 and fingerprint of a stored block.
-    pub fn block_check(&self, segment: usize, meta: u32) -> (u32, u64) {
-        let idx = &self.indexes[&segment];
-        (idx.crcs[meta as usize], idx.prints[meta as usize])
-    }
-
-    /// The fingerprint of every block of the image.
-    pub fn fingerprints(&self, seed: u64) -> Vec<u64> {
+    /// The fingerprint of every block of the image (8 bytes a block of the
+    /// device: for callers that hold it whole anyway).
+    pub fn fingerprints(&self, chain: &Chain) -> Result<Vec<u64>, ChainError> {
         let n = self.device_size().div_ceil(self.block_size as u64);
         let mut out = vec![0u64; n as usize];
-        self.visit_fingerprints(seed, |b, p| out[b as usize] = p);
-        out
+        self.visit_fingerprints(chain, |b, p| out[b as usize] = p)?;
+        Ok(out)
     }
 
-    /// Call `f(block, fingerprint)` for every block of the image, in order.
-    pub fn visit_fingerprints(&self, seed: u64, mut f: impl FnMut(u64, u64)) {
-        let zero = ZeroPrints::new(seed, self.block_size as usize);
+    /// Call `f(block, fingerprint)` for every block of the image, in order,
+    /// reading the stored blocks' fingerprints from `chain` as it goes.
+    pub fn visit_fingerprints(
+        &self,
+        chain: &Chain,
+        mut f: impl FnMut(u64, u64),
+    ) -> Result<(), ChainError> {
+        let zero = ZeroPrints::new(chain.seed(), self.block_size as usize);
+        let mut records = Records::default();
         for r in &self.runs {
-            for i in 0..r.count {
-                let b = r.block + i;
-                f(
-                    b,
-                    match r.source {
-                        Origin::Zero => zero.get(self.block_len(b) as usize),
-                        Origin::Data { segment, meta, .. } => {
-                            self.indexes[&segment].prints[meta as usize + i as usize]
+            match r.source {
+                Origin::Zero => {
+                    for b in r.block..r.block + r.count {
+                        f(b, zero.get(self.block_len(b) as usize));
+                    }
+                }
+                Origin::Data { records: at, .. } => {
+                    let mut done = 0;
+                    while done < r.count {
+                        let k = (r.count - done).min(RECORDS_PER_READ);
+                        records.read(chain, at + done * BLOCK_RECORD_LEN, k)?;
+                        for i in 0..k {
+                            f(r.block + done + i, records.print(i as usize));
                         }
-                    },
-                );
+                        done += k;
+                    }
+                }
             }
         }
+        Ok(())
+    }
+}
+
+/// Block records read per pread when walking a plan's fingerprints.
+const RECORDS_PER_READ: u64 = 65536;
+
+/// Block records (fingerprint and crc32 of stored blocks) read from a
+/// segment's index.
+#[derive(Debug, Default)]
+pub struct Records {
+    bytes: Vec<u8>,
+}
+
+impl Records {
+    /// Read the `count` records at chain offset `at`, replacing what was held.
+    pub fn read(&mut self, chain: &Chain, at: u64, count: u64) -> Result<(), ChainError> {
+        self.bytes.clear();
+        self.bytes.resize((count * BLOCK_RECORD_LEN) as usize, 0);
+        super::read::read_exact_at(chain, &mut self.bytes, at)
+    }
+
+    /// Read `len` bytes of records at chain offset `at` (a span that may
+    /// hold other bytes between the records wanted; see [`Records::crc_at`]).
+    pub(crate) fn read_span(&mut self, chain: &Chain, at: u64, len: u64) -> Result<(), ChainError> {
+        self.bytes.clear();
+        self.bytes.resize(len as usize, 0);
+        super::read::read_exact_at(chain, &mut self.bytes, at)
+    }
+
+    /// The fingerprint in record `i` (counted in records from the start).
+    pub fn print(&self, i: usize) -> u64 {
+        let at = i * BLOCK_RECORD_LEN as usize;
+        u64::from_le_bytes(self.bytes[at..at + 8].try_into().unwrap())
+    }
+
+    /// The crc32 in record `i`.
+    pub fn crc(&self, i: usize) -> u32 {
+        let at = i * BLOCK_RECORD_LEN as usize + 8;
+        u32::from_le_bytes(self.bytes[at..at + 4].try_into().unwrap())
+    }
+
+    /// The crc32 of the record at byte `at` of what is held.
+    pub(crate) fn crc_at(&self, at: usize) -> u32 {
+        u32::from_le_bytes(self.bytes[at + 8..at + 12].try_into().unwrap())
     }
 }
 
@@ -104,14 +153,14 @@ impl Chain {
         let mut filled = Bitmap::new(nblocks);
         let mut remaining = nblocks;
         let mut runs = Vec::new();
-        let mut indexes = HashMap::new();
         for snap in self.snapshots[..=pos].iter().rev() {
             if remaining == 0 {
                 break;
             }
             let seg = snap.segment;
-            let idx = self.index(seg)?;
-            for x in &idx.extents {
+            let idx = self.extents(seg)?;
+            let index_start = self.segments[seg].info.index_start();
+            for (k, x) in idx.extents.iter().enumerate() {
                 let end = x.end_block().min(nblocks);
                 let mut b = x.block;
                 while b < end {
@@ -126,8 +175,7 @@ impl Chain {
                         Location::Zero => Origin::Zero,
                         Location::Data(off) => Origin::Data {
                             offset: off + delta * bs,
-                            segment: seg,
-                            meta: x.meta + delta as u32,
+                            records: index_start + idx.record_at(k, delta),
                         },
                     };
                     runs.push(Run {
@@ -138,7 +186,6 @@ impl Chain {
                     b = stop;
                 }
             }
-            indexes.insert(seg, idx);
             if self.segments[seg].info.is_full() {
                 break;
             }
@@ -155,7 +202,6 @@ impl Chain {
             snapshot: target,
             block_size: self.block_size(),
             runs,
-            indexes,
         })
     }
 

@@ -349,6 +349,11 @@ impl<'c> SegmentWriter<'c> {
     }
 
     /// Set the device size once the device is open (before any data).
+    /// The chain being written, to read its committed segments meanwhile.
+    pub fn chain(&self) -> &Chain {
+        self.chain
+    }
+
     pub fn set_device_size(&mut self, size: u64) {
         self.plan.device_size = size;
         self.in_order.size = size;
@@ -617,7 +622,7 @@ impl<'c> SegmentWriter<'c> {
             stats: Some(stats),
             meta: Some(self.plan.meta.clone()),
             footer_ok: true,
-            index: std::sync::OnceLock::new(),
+            extents: std::sync::OnceLock::new(),
         };
         self.chain.segments.push(seg);
         self.chain.end = info.end();
@@ -769,7 +774,7 @@ mod tests {
         assert_eq!(zero, 25 * 4096);
         w.commit(SegStats::default()).unwrap();
         let plan = chain.resolve(id).unwrap();
-        let prints = plan.fingerprints(chain.seed());
+        let prints = plan.fingerprints(&chain).unwrap();
         assert_eq!(&prints[..3], &[1, 2, 99]);
         assert_eq!(prints[4], 5);
         assert_eq!(prints[7], 77);
@@ -976,7 +981,7 @@ mod tests {
                 "seed {seed} cap {cap}: block {b} restores wrong"
             );
         }
-        let prints = chain.resolve(id).unwrap().fingerprints(chain.seed());
+        let prints = chain.resolve(id).unwrap().fingerprints(&chain).unwrap();
         for (b, m) in model.iter().enumerate() {
             if let Some(Some(d)) = m {
                 assert_eq!(
