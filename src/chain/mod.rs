@@ -159,6 +159,10 @@ pub struct Chain {
     snapshots: Vec<Snapshot>,
     /// The exclusive lock of a writer.
     _lock: Option<nix::fcntl::Flock<File>>,
+    /// A second open of the same file for reading index records: reads
+    /// there do not disturb the kernel's read-ahead of the data reads
+    /// through `file` (read-ahead state is per open file).
+    records_file: OnceLock<Option<File>>,
 }
 
 impl Chain {
@@ -167,6 +171,17 @@ impl Chain {
     }
     pub fn file(&self) -> &File {
         &self.file
+    }
+    /// The file to read index records through (see `records_file`); the
+    /// chain's own file if it cannot be opened again.
+    pub(crate) fn records_file(&self) -> &File {
+        self.records_file
+            .get_or_init(|| {
+                use std::os::fd::AsRawFd;
+                File::open(format!("/proc/self/fd/{}", self.file.as_raw_fd())).ok()
+            })
+            .as_ref()
+            .unwrap_or(&self.file)
     }
     pub fn header(&self) -> &FileHeader {
         &self.header

@@ -193,6 +193,7 @@ impl Chain {
             damage,
             snapshots: Vec::new(),
             _lock: guard,
+            records_file: OnceLock::new(),
         };
         chain.walk(file_len)?;
         if access == Access::Write {

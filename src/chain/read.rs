@@ -43,12 +43,31 @@ pub struct Stored {
 /// Read exactly `buf.len()` bytes of the chain file at `offset`; a file that
 /// ends first is an error naming where.
 pub fn read_exact_at(chain: &Chain, buf: &mut [u8], offset: u64) -> Result<(), ChainError> {
+    read_exact_from(chain, chain.file(), buf, offset)
+}
+
+/// [`read_exact_at`] for index records, through the chain's second open
+/// of its file.
+pub(crate) fn read_records_at(
+    chain: &Chain,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), ChainError> {
+    read_exact_from(chain, chain.records_file(), buf, offset)
+}
+
+fn read_exact_from(
+    chain: &Chain,
+    file: &std::fs::File,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), ChainError> {
     let err = |offset, source| ChainError::Read {
         path: chain.path().to_path_buf(),
         offset,
         source,
     };
-    let n = sys::pread_full(chain.file().as_fd(), buf, offset).map_err(|e| err(offset, e))?;
+    let n = sys::pread_full(file.as_fd(), buf, offset).map_err(|e| err(offset, e))?;
     if n != buf.len() {
         return Err(err(
             offset + n as u64,

@@ -105,7 +105,7 @@ impl Records {
     pub fn read(&mut self, chain: &Chain, at: u64, count: u64) -> Result<(), ChainError> {
         self.bytes.clear();
         self.bytes.resize((count * BLOCK_RECORD_LEN) as usize, 0);
-        super::read::read_exact_at(chain, &mut self.bytes, at)
+        super::read::read_records_at(chain, &mut self.bytes, at)
     }
 
     /// Read `len` bytes of records at chain offset `at` (a span that may
@@ -113,7 +113,7 @@ impl Records {
     pub(crate) fn read_span(&mut self, chain: &Chain, at: u64, len: u64) -> Result<(), ChainError> {
         self.bytes.clear();
         self.bytes.resize(len as usize, 0);
-        super::read::read_exact_at(chain, &mut self.bytes, at)
+        super::read::read_records_at(chain, &mut self.bytes, at)
     }
 
     /// The fingerprint in record `i` (counted in records from the start).
