@@ -106,7 +106,8 @@ fn write_differing(
     }
     let bs = plan.block_size as u64;
     let seed = chain.seed();
-    let want = plan.fingerprints(chain)?;
+    // The snapshot's fingerprints, read as the scan reaches them.
+    let mut want = plan.print_cursor(chain);
     src.invalidate_cache()?;
     let map = src.map()?;
     if let Some(p) = progress {
@@ -153,7 +154,7 @@ fn write_differing(
             for (i, p) in prints[..n].iter().enumerate() {
                 let b = b0 + i as u64;
                 out.blocks_checked += 1;
-                if *p == want[b as usize] {
+                if *p == want.get(b)? {
                     continue;
                 }
                 while plan.runs[run_i].block + plan.runs[run_i].count <= b {

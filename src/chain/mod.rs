@@ -24,7 +24,7 @@ use uuid::Uuid;
 use format::*;
 
 pub(crate) use resolve::Bitmap;
-pub use resolve::{Origin, Plan, Records, Run};
+pub use resolve::{Origin, Plan, PrintCursor, Records, Run};
 
 /// Errors of the chain layer.
 #[derive(Debug, thiserror::Error)]

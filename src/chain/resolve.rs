@@ -90,6 +90,61 @@ impl Plan {
     }
 }
 
+/// The fingerprints of a plan's blocks, asked for in increasing block
+/// order, read from the chain a bounded number of records at a time.
+#[derive(Debug)]
+pub struct PrintCursor<'a> {
+    plan: &'a Plan,
+    chain: &'a Chain,
+    zero: ZeroPrints,
+    run: usize,
+    records: Records,
+    /// The records held are those of blocks `held..held + count` of run `run`.
+    held: u64,
+    count: u64,
+}
+
+impl PrintCursor<'_> {
+    /// The fingerprint of block `b`; `b` must not be below the last asked.
+    pub fn get(&mut self, b: u64) -> Result<u64, ChainError> {
+        let runs = &self.plan.runs;
+        while runs[self.run].block + runs[self.run].count <= b {
+            self.run += 1;
+            self.count = 0;
+        }
+        let r = runs[self.run];
+        debug_assert!(r.block <= b, "blocks asked for out of order");
+        match r.source {
+            Origin::Zero => Ok(self.zero.get(self.plan.block_len(b) as usize)),
+            Origin::Data { records, .. } => {
+                if b < self.held || b >= self.held + self.count {
+                    let k = (r.block + r.count - b).min(RECORDS_PER_READ);
+                    self.records
+                        .read(self.chain, records + (b - r.block) * BLOCK_RECORD_LEN, k)?;
+                    self.held = b;
+                    self.count = k;
+                }
+                Ok(self.records.print((b - self.held) as usize))
+            }
+        }
+    }
+}
+
+impl Plan {
+    /// A cursor over the image's fingerprints (see [`PrintCursor`]).
+    pub fn print_cursor<'a>(&'a self, chain: &'a Chain) -> PrintCursor<'a> {
+        PrintCursor {
+            plan: self,
+            chain,
+            zero: ZeroPrints::new(chain.seed(), self.block_size as usize),
+            run: 0,
+            records: Records::default(),
+            held: 0,
+            count: 0,
+        }
+    }
+}
+
 /// Block records read per pread when walking a plan's fingerprints.
 const RECORDS_PER_READ: u64 = 65536;
 
@@ -289,6 +344,51 @@ impl Bitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cursor gives what the whole list gives, asked for every block or
+    /// for some, across data runs of two segments and zero runs.
+    #[test]
+    fn the_print_cursor_agrees_with_the_whole_list() {
+        use crate::take::{take, TakeOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        let mut data: Vec<u8> = (0..(1u64 << 20) / 8)
+            .flat_map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).to_le_bytes())
+            .collect();
+        data[100 * 4096..120 * 4096].fill(0);
+        std::fs::write(&img, &data).unwrap();
+        let path = dir.path().join("c");
+        let sys = std::sync::Arc::new(crate::quiesce::Host);
+        take(sys.clone(), &img, &path, &TakeOptions::default()).unwrap();
+        for b in [3usize, 4, 9, 110, 200, 255] {
+            data[b * 4096..(b + 1) * 4096].fill(b as u8 ^ 0x5a);
+        }
+        data[30 * 4096..31 * 4096].fill(0);
+        std::fs::write(&img, &data).unwrap();
+        let id = take(sys, &img, &path, &TakeOptions::default())
+            .unwrap()
+            .snapshot
+            .id;
+        let chain = Chain::open(&path, super::super::Access::Read).unwrap();
+        let plan = chain.resolve(id).unwrap();
+        assert!(plan.runs.len() > 8, "{:?}", plan.runs);
+        let all = plan.fingerprints(&chain).unwrap();
+        assert_eq!(all.len(), 256);
+        for (b, p) in all.iter().enumerate() {
+            let blk = &data[b * 4096..(b + 1) * 4096];
+            assert_eq!(
+                *p,
+                crate::fingerprint::fingerprint(blk, chain.seed()),
+                "block {b}"
+            );
+        }
+        for step in [1, 2, 3, 7, 64] {
+            let mut c = plan.print_cursor(&chain);
+            for b in (0..256).step_by(step) {
+                assert_eq!(c.get(b as u64).unwrap(), all[b], "step {step}, block {b}");
+            }
+        }
+    }
 
     #[test]
     fn bitmap_runs() {
