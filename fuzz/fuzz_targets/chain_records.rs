@@ -19,9 +19,21 @@ fuzz_target!(|data: &[u8]| {
     if let Some(meta) = decode_meta(data) {
         assert_eq!(decode_meta(&encode_meta(&meta)).as_ref(), Some(&meta));
     }
-    if let Some(index) = Index::decode(data) {
+    let decoded = Index::decode(data);
+    if let Some(index) = &decoded {
         let again = index.encode();
         assert_eq!(again.len() as u64, index.encoded_len());
-        assert_eq!(Index::decode(&again).as_ref(), Some(&index));
+        assert_eq!(Index::decode(&again).as_ref(), Some(index));
+    }
+    // The streaming scan (what restores use) accepts exactly what the
+    // decoder accepts, with the same extents.
+    let (scanned, _crc) = scan_index(&mut &data[..], data.len() as u64).unwrap();
+    match (&decoded, &scanned) {
+        (None, None) => {}
+        (Some(full), Some(light)) => {
+            assert_eq!(full.removes, light.removes);
+            assert_eq!(full.extents, light.extents);
+        }
+        _ => panic!("decode and scan disagree: {decoded:?} / {scanned:?}"),
     }
 });
