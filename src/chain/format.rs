@@ -938,6 +938,9 @@ pub fn scan_index(r: &mut impl io::Read, len: u64) -> io::Result<(Option<IndexEx
         r: &'a mut R,
         left: u64,
         crc: crc32fast::Hasher,
+        /// Block records are read through this and dropped (one buffer for
+        /// the whole scan: an index may hold millions of small extents).
+        scratch: Vec<u8>,
     }
     impl<R: io::Read> Src<'_, R> {
         /// Exactly `buf.len()` more bytes, or `false` if the index ends first.
@@ -954,12 +957,17 @@ pub fn scan_index(r: &mut impl io::Read, len: u64) -> io::Result<(Option<IndexEx
             if n > self.left {
                 return Ok(false);
             }
-            let mut scratch = [0u8; 8192];
+            let mut scratch = std::mem::take(&mut self.scratch);
+            if scratch.is_empty() {
+                // Left empty by an earlier failed skip.
+                scratch = vec![0; 8192];
+            }
             while n > 0 {
                 let k = n.min(scratch.len() as u64) as usize;
                 self.fill(&mut scratch[..k])?;
                 n -= k as u64;
             }
+            self.scratch = scratch;
             Ok(true)
         }
     }
@@ -967,6 +975,7 @@ pub fn scan_index(r: &mut impl io::Read, len: u64) -> io::Result<(Option<IndexEx
         r,
         left: len,
         crc: crc32fast::Hasher::new(),
+        scratch: vec![0; 8192],
     };
     let scan = |src: &mut Src<'_, _>| -> io::Result<Option<IndexExtents>> {
         let mut b4 = [0u8; 4];

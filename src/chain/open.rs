@@ -415,11 +415,14 @@ impl Chain {
         let seg = &self.segments[i];
         let r = seg.extents.get_or_init(|| {
             let info = &seg.info;
+            // Reads stop at the index's end: most indexes (a merge's, an
+            // increment's) are a few KiB, and chains are opened often.
             let mut r = io::BufReader::with_capacity(
-                1 << 20,
+                info.index_len.clamp(1, 1 << 20) as usize,
                 ReadAt {
                     file: &self.file,
                     at: info.index_start(),
+                    end: info.index_start() + info.index_len,
                 },
             );
             let (found, crc) = scan_index(&mut r, info.index_len).map_err(index_read_error)?;
@@ -644,15 +647,17 @@ fn lock(file: &File, path: &Path) -> Result<nix::fcntl::Flock<File>, ChainError>
     }
 }
 
-/// Reads the chain file from `at` on, for a buffered reader.
+/// Reads the chain file from `at` up to `end`, for a buffered reader.
 struct ReadAt<'a> {
     file: &'a File,
     at: u64,
+    end: u64,
 }
 
 impl io::Read for ReadAt<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.at)?;
+        let want = buf.len().min(self.end.saturating_sub(self.at) as usize);
+        let n = std::os::unix::fs::FileExt::read_at(self.file, &mut buf[..want], self.at)?;
         self.at += n as u64;
         Ok(n)
     }
