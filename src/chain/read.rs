@@ -225,6 +225,14 @@ impl<'a> BlockReader<'a> {
     }
 }
 
+/// `len` bytes (a multiple of 8) of a pattern with no zero block, for tests.
+#[cfg(test)]
+pub(crate) fn patterned(len: u64) -> Vec<u8> {
+    (0..len / 8)
+        .flat_map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).to_le_bytes())
+        .collect()
+}
+
 /// Records of pieces at most this far apart are read together...
 const RECORD_GAP: u64 = 4096;
 /// ...in spans of at most this many bytes.
@@ -244,9 +252,7 @@ mod tests {
     fn scattered_blocks_are_checked_against_their_own_records() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("img");
-        let mut data: Vec<u8> = (0..(1u64 << 20) / 8)
-            .flat_map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).to_le_bytes())
-            .collect();
+        let mut data = crate::chain::read::patterned(1 << 20);
         std::fs::write(&img, &data).unwrap();
         let chain_path = dir.path().join("c");
         let sys = std::sync::Arc::new(crate::quiesce::Host);
@@ -306,9 +312,7 @@ mod tests {
     fn every_block_is_checked_and_a_bad_one_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("img");
-        let data: Vec<u8> = (0..(1u64 << 20) / 8)
-            .flat_map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).to_le_bytes())
-            .collect();
+        let data = crate::chain::read::patterned(1 << 20);
         std::fs::write(&img, &data).unwrap();
         let chain_path = dir.path().join("c");
         let sys = std::sync::Arc::new(crate::quiesce::Host);

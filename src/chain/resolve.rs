@@ -333,9 +333,7 @@ mod tests {
         use crate::take::{take, TakeOptions};
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("img");
-        let mut data: Vec<u8> = (0..(1u64 << 20) / 8)
-            .flat_map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).to_le_bytes())
-            .collect();
+        let mut data = crate::chain::read::patterned(1 << 20);
         data[100 * 4096..120 * 4096].fill(0);
         std::fs::write(&img, &data).unwrap();
         let path = dir.path().join("c");

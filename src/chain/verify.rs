@@ -249,9 +249,7 @@ mod tests {
     fn long_extents_are_checked_group_by_group() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("img");
-        let data: Vec<u8> = (0..(1u64 << 20) / 8)
-            .flat_map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).to_le_bytes())
-            .collect();
+        let data = crate::chain::read::patterned(1 << 20);
         std::fs::write(&img, &data).unwrap();
         let path = dir.path().join("c");
         let sys = std::sync::Arc::new(crate::quiesce::Host);
